@@ -1,0 +1,62 @@
+"""Turning encoded examples into padded tensors, and length-grouped batch order.
+
+Dynamic padding: a batch is padded to its own longest row, not to ``max_length``. Rows are padded
+on the right for training and scoring (the heads know each row's real length) and on the left for
+generation. ``length_grouped_order`` sorts rows into buckets of similar length (shuffled by a seeded
+generator) so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+from .templates import Encoded
+
+
+def collate(rows: Sequence[Encoded], *, pad_id: int, targets: Sequence[int] | None = None,
+            task_ids: Sequence[int] | None = None, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad rows into a batch. ``targets``: one class id per row (classification / verbalizer)."""
+    T = max(len(r.input_ids) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    virtual_index = torch.full((B, T), -1, dtype=torch.long)
+    has_token_labels = rows[0].labels is not None
+    labels = torch.full((B, T), -100, dtype=torch.long) if has_token_labels else None
+    label_position = torch.zeros(B, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        s = slice(T - n, T) if left else slice(0, n)
+        input_ids[i, s] = torch.tensor(r.input_ids)
+        attention_mask[i, s] = 1
+        virtual_index[i, s] = torch.tensor(r.virtual_index)
+        if labels is not None:
+            labels[i, s] = torch.tensor(r.labels)
+        label_position[i] = r.label_position + (T - n if left else 0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "virtual_index": virtual_index,
+             "label_position": label_position}
+    if labels is not None:
+        batch["labels"] = labels
+    elif targets is not None:
+        batch["labels"] = torch.tensor(list(targets), dtype=torch.long)
+    if task_ids is not None:
+        batch["task_ids"] = torch.tensor(list(task_ids), dtype=torch.long)
+    return batch
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int,
+                         bucket_batches: int = 50) -> list[list[int]]:
+    """Batches of indices: shuffle, sort within mega-buckets by length, then shuffle batch order."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    mega = batch_size * bucket_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(idx), mega):
+        chunk = sorted(idx[start:start + mega], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches

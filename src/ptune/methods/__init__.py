@@ -1,0 +1,49 @@
+"""The method registry: one line per method, name -> (config class, apply function).
+
+Every method module defines a frozen Config dataclass (with ``method``, ``template_for``) and an
+``apply_<method>(base, config, **context)`` that returns the adapter module. An adapter offers
+``inject(embeds, virtual_index, task_ids)`` (input-side prompts), ``attention_kwargs(batch_size,
+task_ids)`` (deep prompts) and ``peft_export(facts)``; weight-side methods change the base's modules
+in place and return identity hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from .p_tuning import PTuningConfig, apply_p_tuning
+from .prefix_tuning import PrefixTuningConfig, PTuningV2Config, apply_prefix_tuning
+from .prompt_tuning import PromptTuningConfig, apply_prompt_tuning
+
+METHODS: dict[str, tuple[type, Callable[..., Any]]] = {
+    "prompt_tuning": (PromptTuningConfig, apply_prompt_tuning),
+    "p_tuning": (PTuningConfig, apply_p_tuning),
+    "p_tuning_v2": (PTuningV2Config, apply_prefix_tuning),
+    "prefix_tuning": (PrefixTuningConfig, apply_prefix_tuning),
+}
+
+
+def method_entry(name: str) -> tuple[type, Callable[..., Any]]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_config(name: str, **values: Any) -> Any:
+    """Build a method config from plain values (YAML, CLI); unknown keys are refused by name."""
+    import dataclasses
+
+    cls, _ = method_entry(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{name} has no option(s) {unknown}; its options are {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{name}: {e}") from e
+
+
+__all__ = ["METHODS", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
+           "PrefixTuningConfig", "PTuningV2Config"]

@@ -1,0 +1,156 @@
+"""P-Tuning v2 (Liu et al. 2022, arXiv:2110.07602) and prefix tuning (Li & Liang 2021, arXiv:2101.00190).
+
+Deep prompts: every attention layer gets P trainable key and value vectors per key/value head,
+attended to by every query and never masked. P-Tuning v2 trains them directly (``prefix_projection``
+off); prefix tuning produces them from a small embedding through a 2-layer tanh MLP (on).
+
+Mechanism: instead of feeding prefixes through ``past_key_values`` (whose API churn broke HF PEFT
+more than once), ptune registers an attention function with transformers' ``AttentionInterface``.
+The prefix travels to every layer as a keyword argument (``ptune_prefix``, batch first, so a batch
+may mix tasks and ``generate()`` expands it for beams); the function concatenates the layer's slice
+to the keys/values and widens the mask. Position ids, the KV cache, generation and gradient
+checkpointing stay untouched; real tokens keep positions 0..T-1. Models that do not route attention
+through the interface (MPNet, DeBERTa-v2, ...) are refused with a list of the alternatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..models import arch_facts, backbone_of
+from ..templates import Template
+
+ATTN_IMPL = "ptune_sdpa"
+
+
+def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, ptune_prefix: torch.Tensor | None = None,
+                     **kwargs: Any):
+    """SDPA attention with this layer's prefix keys/values in front. query (B, H, Tq, D)."""
+    if ptune_prefix is not None:
+        pk = ptune_prefix[:, module.layer_idx, 0].to(key.dtype)  # (B, Hkv, P, D)
+        pv = ptune_prefix[:, module.layer_idx, 1].to(value.dtype)
+        P, Tq, Tk = pk.shape[2], query.shape[2], key.shape[2]
+        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        if attention_mask is None:  # build what sdpa would have inferred, now that Tk grows
+            causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
+            m = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
+            attention_mask = (m.tril(diagonal=Tk - Tq) if causal else m)[None, None]
+        if attention_mask.dtype == torch.bool:
+            front = attention_mask.new_ones(attention_mask.shape[:-1] + (P,))
+        else:
+            front = attention_mask.new_zeros(attention_mask.shape[:-1] + (P,))
+        attention_mask = torch.cat([front, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPL, prefix_attention)
+AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    method: ClassVar[str] = "prefix_tuning"
+    num_virtual_tokens: int = 20  # prefix length P per layer
+    prefix_projection: bool = True  # reparameterize through an MLP (prefix tuning); False = P-Tuning v2
+    encoder_hidden_size: int = 512  # MLP hidden size when prefix_projection
+    dropout: float = 0.0  # on the prefix keys/values (P-Tuning v2 uses the model's hidden dropout)
+    num_tasks: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be a positive integer")
+        if self.encoder_hidden_size < 1:
+            raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.num_tasks < 1:
+            raise ConfigError(f"num_tasks={self.num_tasks} must be >= 1")
+
+    def template_for(self, task_template: Template) -> Template:
+        if task_template.num_virtual_tokens:
+            raise ConfigError(
+                f"{self.method} puts its prompts inside the attention layers; template "
+                f"{task_template.source!r} must not contain [P] markers (use p_tuning for input prompts)")
+        return task_template
+
+
+@dataclass(frozen=True)
+class PTuningV2Config(PrefixTuningConfig):
+    method: ClassVar[str] = "p_tuning_v2"
+    prefix_projection: bool = False
+
+
+class PrefixEncoder(nn.Module):
+    """Produces (num_tasks, P, L, 2, Hkv, D) prefixes, directly or through an MLP."""
+
+    def __init__(self, config: PrefixTuningConfig, num_layers: int, kv_heads: int, head_dim: int,
+                 hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.shape = (num_layers, 2, kv_heads, head_dim)
+        out = num_layers * 2 * kv_heads * head_dim
+        gen = torch.Generator().manual_seed(config.seed)
+        T, P = config.num_tasks, config.num_virtual_tokens
+        if config.prefix_projection:
+            self.embedding = nn.Parameter(torch.randn(T, P, hidden_size, generator=gen))
+            self.transform = nn.Sequential(nn.Linear(hidden_size, config.encoder_hidden_size), nn.Tanh(),
+                                           nn.Linear(config.encoder_hidden_size, out))
+        else:
+            self.embedding = nn.Parameter(torch.randn(T, P, out, generator=gen))
+            self.transform = None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def flat(self) -> torch.Tensor:  # (num_tasks, P, L*2*Hkv*D), HF PEFT's layout
+        return self.transform(self.embedding) if self.transform is not None else self.embedding
+
+    def prefixes(self, batch_size: int, task_ids: torch.Tensor | None) -> torch.Tensor:
+        flat = self.flat()
+        rows = flat[:1].expand(batch_size, -1, -1) if task_ids is None else flat[task_ids]
+        rows = self.dropout(rows).view(batch_size, rows.shape[1], *self.shape)  # (B, P, L, 2, Hkv, D)
+        return rows.permute(0, 2, 3, 4, 1, 5)  # (B, L, 2, Hkv, P, D)
+
+
+class PrefixAdapter(nn.Module):
+    def __init__(self, config: PrefixTuningConfig, facts: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = PrefixEncoder(config, facts.num_layers, facts.num_key_value_heads, facts.head_dim,
+                                     facts.hidden_size)
+
+    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
+               task_ids: torch.Tensor | None) -> torch.Tensor:
+        return embeds
+
+    def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
+        return {"ptune_prefix": self.encoder.prefixes(batch_size, task_ids)}
+
+    def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+        cfg = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.config.num_virtual_tokens,
+               "prefix_projection": False, "encoder_hidden_size": self.config.encoder_hidden_size}
+        with torch.no_grad():
+            return cfg, {"prompt_embeddings": self.encoder.flat()[0].detach().clone()}
+
+
+def check_attention_interface(base: nn.Module, method: str) -> None:
+    body = backbone_of(base)
+    if not getattr(type(body), "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{method} needs a model whose attention runs through transformers' AttentionInterface; "
+            f"{type(body).__name__} does not. Use prompt_tuning, p_tuning, lora or bitfit with it, "
+            "or a BERT/RoBERTa/ELECTRA/GPT-2/Llama/Gemma/Qwen-family model")
+
+
+def apply_prefix_tuning(base: nn.Module, config: PrefixTuningConfig, **_: Any) -> PrefixAdapter:
+    check_attention_interface(base, config.method)
+    base.set_attn_implementation(ATTN_IMPL)
+    return PrefixAdapter(config, arch_facts(base))

@@ -1,0 +1,131 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
+
+k trainable soft-token embeddings fill the virtual-token placeholders of the template (by default
+``[P:k]`` prepended to the task template). Initialisation: ``random`` (normal, scaled to the
+embedding table's spread), ``vocab`` (rows sampled from the vocabulary), ``text`` (the embeddings of
+``init_text``, repeated or truncated to k) or ``labels`` (the class label words, the paper's best).
+Several prompts can live side by side (``num_tasks``): each row of a batch picks its own through
+``task_ids``, which also gives prompt ensembling. No reparameterization: that is P-Tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..templates import Template
+
+INITS = ("random", "vocab", "text", "labels")
+
+
+def scatter_prompts(embeds: torch.Tensor, virtual_index: torch.Tensor, prompts: torch.Tensor,
+                    task_ids: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite placeholder rows of ``embeds`` with prompt vectors.
+
+    embeds (B, T, d); virtual_index (B, T), -1 for real tokens; prompts (num_tasks, N, d);
+    task_ids (B,) or None (task 0 for every row).
+    """
+    B, T, d = embeds.shape
+    if task_ids is None:
+        rows = prompts[:1].expand(B, -1, -1)  # (B, N, d)
+    else:
+        rows = prompts[task_ids]
+    idx = virtual_index.clamp(min=0).unsqueeze(-1).expand(B, T, d)
+    gathered = torch.gather(rows.to(embeds.dtype), 1, idx)  # (B, T, d)
+    return torch.where((virtual_index >= 0).unsqueeze(-1), gathered, embeds)
+
+
+def _check_common(cfg: Any) -> None:
+    if cfg.num_tasks < 1:
+        raise ConfigError(f"num_tasks={cfg.num_tasks} must be >= 1")
+    if cfg.init not in INITS:
+        raise ConfigError(f"init={cfg.init!r} is not one of {INITS}")
+    if cfg.init == "text" and not cfg.init_text:
+        raise ConfigError("init='text' needs init_text, the words whose embeddings start the prompt")
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    method: ClassVar[str] = "prompt_tuning"
+    num_virtual_tokens: int = 20  # soft tokens prepended to the task template
+    init: str = "random"  # random | vocab | text | labels
+    init_text: str | None = None  # for init="text"
+    num_tasks: int = 1  # prompts stored side by side, selected per row by task_ids
+    seed: int = 0  # for random / vocab init
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be a positive integer")
+        _check_common(self)
+
+    def template_for(self, task_template: Template) -> Template:
+        if task_template.num_virtual_tokens == 0:
+            return task_template.with_prefix_prompt(self.num_virtual_tokens)
+        if task_template.num_virtual_tokens != self.num_virtual_tokens:
+            raise ConfigError(
+                f"template {task_template.source!r} has {task_template.num_virtual_tokens} virtual tokens "
+                f"but num_virtual_tokens={self.num_virtual_tokens}; make them agree")
+        return task_template
+
+
+def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any = None,
+                   init_text: str | None = None, label_words: Sequence[str] | None = None,
+                   seed: int = 0) -> torch.Tensor:
+    """(n, d) starting vectors for a prompt, from the frozen input embedding table."""
+    weight = embedding.weight.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    if init == "random":
+        return torch.randn(n, weight.shape[1], generator=gen) * weight.std()
+    if init == "vocab":
+        # common-ish tokens: Lester et al. sample from the 5,000 most frequent; ids are a proxy
+        hi = min(weight.shape[0], 5000)
+        ids = torch.randint(0, hi, (n,), generator=gen)
+        return weight[ids].clone()
+    if tokenizer is None:
+        raise ConfigError(f"init={init!r} needs the tokenizer; pass tokenizer= to apply()")
+    if init == "text":
+        ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+    else:
+        if not label_words:
+            raise ConfigError("init='labels' needs label words (the task's labels or label_words)")
+        ids = [i for w in label_words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise ConfigError(f"init={init!r}: the text tokenizes to nothing; give some words")
+    ids_t = torch.tensor(ids)
+    reps = -(-n // len(ids))  # ceil
+    return weight[ids_t.repeat(reps)[:n]].clone()
+
+
+class PromptEmbedding(nn.Module):
+    """The soft prompt table: (num_tasks, num_virtual_tokens, d)."""
+
+    def __init__(self, config: PromptTuningConfig, embedding: nn.Embedding, **init_kwargs: Any) -> None:
+        super().__init__()
+        self.config = config
+        first = initial_prompt(config.init, config.num_virtual_tokens, embedding,
+                               init_text=config.init_text, seed=config.seed, **init_kwargs)
+        self.weight = nn.Parameter(first.unsqueeze(0).repeat(config.num_tasks, 1, 1))
+
+    def prompts(self) -> torch.Tensor:
+        return self.weight  # (num_tasks, N, d)
+
+    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
+               task_ids: torch.Tensor | None) -> torch.Tensor:
+        return scatter_prompts(embeds, virtual_index, self.prompts(), task_ids)
+
+    def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
+        return {}
+
+    def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+        cfg = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": self.config.num_virtual_tokens,
+               "prompt_tuning_init": "RANDOM"}
+        return cfg, {"prompt_embeddings": self.prompts()[0].detach().clone()}
+
+
+def apply_prompt_tuning(base: nn.Module, config: PromptTuningConfig, *, tokenizer: Any = None,
+                        label_words: Sequence[str] | None = None, **_: Any) -> PromptEmbedding:
+    return PromptEmbedding(config, base.get_input_embeddings(), tokenizer=tokenizer, label_words=label_words)

