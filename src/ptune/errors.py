@@ -32,3 +32,7 @@ class AdapterMismatchError(PtuneError, ValueError):
 
 class UnsupportedModelError(PtuneError, ValueError):
     """A method cannot act on this architecture (names supported alternatives)."""
+
+
+class TrainingInterrupted(PtuneError):
+    """Training stopped by Ctrl-C after saving a checkpoint (the CLI exits with status 130)."""

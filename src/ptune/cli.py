@@ -1,0 +1,157 @@
+"""The ``ptune`` command: argument parsing only; every command is one call into the Python API.
+
+Flags are generated from :class:`TrainConfig` and from the method configs, so a YAML key, a flag
+(``--num-virtual-tokens 16``) and the Python field always share one name. User mistakes print one
+line (``ptune: error: ...``) and exit with status 2; an interrupted run exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+TRAIN_HELP = {
+    "model": "base model: demo name (minilm, gemma), local folder or hub id",
+    "task": "built-in task (bbc, wnut) or a task YAML file",
+    "method": "prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | adalora | qlora | bitfit | full",
+    "template": "prompt template, e.g. '[P:3] {text} [P:2] capital [P:1] {mask}'",
+    "output_dir": "run directory (config, metrics.jsonl, checkpoints, best adapter)",
+}
+
+
+def _value(text: str) -> Any:
+    """Parse a flag value like YAML does: 16 -> int, true -> bool, [a, b] -> list, else str."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if v is None and text not in ("null", "~", "") else v
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _train_parser(sub: Any) -> argparse.ArgumentParser:
+    from .engine.config import TrainConfig
+    from .methods import METHODS
+
+    p = sub.add_parser("train", help="train an adapter (defaults: P-Tuning v2, MiniLM, bbc)",
+                       description="Train an adapter. With no arguments: P-Tuning v2 on the packaged MiniLM "
+                                   "model and the built-in bbc task.")
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "method_options":
+            continue
+        if isinstance(f.default, bool):
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=TRAIN_HELP.get(f.name, f"(default {f.default})"))
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=_value, default=argparse.SUPPRESS,
+                           help=TRAIN_HELP.get(f.name, f"(default {f.default})"))
+    group = p.add_argument_group("method options (each applies to the methods that have it)")
+    seen = set()
+    for name, (cls, _) in METHODS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in train_fields or f.name in seen:
+                continue
+            seen.add(f.name)
+            group.add_argument(_flag(f.name), dest=f"method.{f.name}", type=_value, default=argparse.SUPPRESS,
+                               metavar="VALUE")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .engine import TrainConfig, train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    options = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method.")}
+    plain = {k: v for k, v in values.items() if not k.startswith("method.")}
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config, **plain, method_options=options)
+    else:
+        cfg = TrainConfig.from_dict({**plain, "method_options": options})
+    summary = train(cfg)
+    key = next(k for k in summary if k.startswith("best_validation_"))
+    print(f"ptune: done. {key.replace('_', ' ')} = {summary[key]:.4f} (step {summary['best_step']})")
+    if summary.get("test"):
+        print("ptune: test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items()))
+    print(f"ptune: adapter: {summary['adapter']}")
+    print(f"ptune: metrics: {os.path.join(summary['run_dir'], 'metrics.jsonl')}, summary: "
+          f"{os.path.join(summary['run_dir'], 'summary.json')}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .engine import Run
+
+    metrics = Run(args.run).evaluate(split=args.split, file=args.file)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .data import load_records
+    from .engine import Run
+
+    run = Run(args.run)
+    inputs: list = list(args.text)
+    if args.file:
+        inputs += load_records(args.file)
+    if not inputs:
+        raise SystemExit("ptune: error: give some text or --file")
+    for result in run.predict(inputs):
+        if args.json:
+            print(json.dumps(result))
+        elif "tags" in result:
+            print(" ".join(f"{t}/{g}" for t, g in zip(result["tokens"], result["tags"])))
+        else:
+            probs = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])
+            print(f"{result['label']}\t" + "  ".join(f"{k}={v:.3f}" for k, v in probs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptune", description="Parameter-efficient fine-tuning centred on P-Tuning.")
+    sub = parser.add_subparsers(dest="command")
+    _train_parser(sub).set_defaults(func=_train)
+    e = sub.add_parser("eval", help="evaluate a finished run on a split or a labelled file")
+    e.add_argument("run", help="run directory (the --output-dir of ptune train)")
+    e.add_argument("--split", default="test", help="validation or test (default test)")
+    e.add_argument("--file", help="a labelled data file instead of a split")
+    e.set_defaults(func=_eval)
+    pr = sub.add_parser("predict", help="label new text with a finished run")
+    pr.add_argument("run", help="run directory")
+    pr.add_argument("text", nargs="*", help="texts to label")
+    pr.add_argument("--file", help="a data file of records to label")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import PtuneError, TrainingInterrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except PtuneError as e:
+        print(f"ptune: error: {e}", file=sys.stderr)
+        return 130 if isinstance(e, TrainingInterrupted) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

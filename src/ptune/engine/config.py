@@ -1,0 +1,110 @@
+"""TrainConfig: everything a training run needs, as one frozen dataclass.
+
+The same names are the YAML keys, the CLI flags (``--batch-size`` for ``batch_size``) and the
+fields of ``config.json`` in the run directory. Method options (``num_virtual_tokens``,
+``encoder``, ``r``...) go in ``method_options`` and are validated by the method's own config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "minilm"  # demo name (minilm, gemma), local folder or hub id
+    task: str = "bbc"  # built-in task name (bbc, wnut) or a task YAML file
+    train_file: str | None = None  # data files (csv, jsonl, json, parquet, conll, datasets folder, hub name)
+    validation_file: str | None = None
+    test_file: str | None = None
+    method: str = "p_tuning_v2"  # prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | ...
+    method_options: dict = field(default_factory=dict)  # options of the method's config
+    head: str = "auto"  # auto (classification / tagging / causal_lm from the task) | verbalizer
+    pooling: str = "auto"  # classification pooling: auto | cls | pooler | mean | last
+    template: str | None = None  # task template override, e.g. "{text} It is about {mask}."
+    max_length: int | None = None  # default: the task's
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.06
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 autocast where the hardware has it
+    gradient_checkpointing: bool = False
+    quantize: str | None = None  # nf4 | int8 (bitsandbytes)
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    limit_train: int = 0  # use only the first N training records (0 = all)
+    limit_eval: int = 0
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    log_every: int = 10
+    seed: int = 13
+    output_dir: str = "runs/default"
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "a positive number"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "a positive integer"),
+            (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "a positive integer"),
+            (self.lr > 0, "lr", self.lr, "a positive number"),
+            (self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {SCHEDULERS}"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)"),
+            (self.grad_accum >= 1, "grad_accum", self.grad_accum, "a positive integer"),
+            (self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}"),
+            (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "nf4, int8 or unset"),
+            (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "stop or skip"),
+            (self.max_length is None or self.max_length > 0, "max_length", self.max_length, "a positive integer"),
+            (self.head in ("auto", "classification", "verbalizer", "tagging", "causal_lm"), "head", self.head,
+             "auto, classification, verbalizer, tagging or causal_lm"),
+            (not (self.overwrite and self.resume), "overwrite", self.overwrite, "not combined with resume"),
+        ]
+        for ok, name, value, want in checks:
+            if not ok:
+                raise ConfigError(f"{name}={value!r} is invalid: it must be {want}")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a mapping, got {type(self.method_options).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid ones are {sorted(known)}")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(str(e)) from e
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of options, not {type(values).__name__}")
+        options = {**values.get("method_options", {}), **overrides.pop("method_options", {})}
+        return cls.from_dict({**values, **overrides, "method_options": options})

@@ -1,0 +1,78 @@
+"""Using a finished run: evaluate it, predict labels for new text, generate with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import CONFIG_NAME, load_adapter
+from ..data import load_records
+from ..errors import PtuneError
+from ..model import PtuneModel
+from ..models import load_tokenizer
+from .build import encode_records, load_task, make_encoder
+from .config import TrainConfig
+from .evaluate import decode_predictions, predict_logits, score
+
+
+class Run:
+    """A trained run directory (or a bare adapter folder) ready for inference."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if (path / "config.json").is_file() and (path / "best" / CONFIG_NAME).is_file():
+            self.config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+            adapter_dir = path / "best"
+        elif (path / CONFIG_NAME).is_file() and (path.parent / "config.json").is_file():
+            self.config = TrainConfig.from_dict(json.loads((path.parent / "config.json").read_text()))
+            adapter_dir = path
+        else:
+            raise PtuneError(f"{path} is not a finished ptune run (no config.json with best/{CONFIG_NAME}); "
+                             "pass the --output-dir of a completed `ptune train`")
+        self.path = path
+        self.task, self.splits = load_task(self.config)
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer, base_name=self.config.model)
+        self.model.eval()
+        self.encoder = make_encoder(self.model, self.tokenizer, self.config.max_length or self.task.max_length)
+
+    def evaluate(self, split: str = "test", file: str | None = None) -> dict[str, float]:
+        if file:
+            records = load_records(file, task=self.task)
+        elif split in self.splits:
+            records = self.splits[split]
+        else:
+            raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
+        examples = encode_records(self.task, self.encoder, records)
+        logits = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
+                                pad_id=self.encoder.placeholder_id)
+        return score(self.task, examples, logits)
+
+    def predict(self, texts: list[str] | list[dict]) -> list[dict[str, Any]]:
+        """One result per input: {"label", "probabilities"} (tagging: {"tokens", "tags"})."""
+        task = self.task
+        records = []
+        for t in texts:
+            if isinstance(t, dict):
+                records.append(t)
+            elif task.task_type == "tagging":
+                records.append({task.text_fields[0]: t.split()})
+            else:
+                records.append({task.text_fields[0]: t})
+        for i, r in enumerate(records):
+            task.validate_record(r, f"input {i + 1}", allow_unlabeled=True)
+        examples = encode_records(task, self.encoder, records, labelled=False)
+        logits = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
+                                pad_id=self.encoder.placeholder_id)
+        preds = decode_predictions(task, examples, logits)
+        out = []
+        for i, (rec, pred) in enumerate(zip(records, preds)):
+            if task.task_type == "tagging":
+                out.append({"tokens": rec[task.text_fields[0]], "tags": pred})
+            else:
+                probs = torch.softmax(logits[i][0], -1).tolist()
+                out.append({"label": pred, "probabilities": dict(zip(task.labels, probs))})
+        return out
