@@ -65,3 +65,47 @@ def tokenizer():
     from ptune.models import load_tokenizer
 
     return load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random BERT saved as a model folder (config, weights, MiniLM tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_base("bert").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_base("gpt2", "causal_lm").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+SPORT = ["the team won the match", "a late goal decided the cup final", "the striker scored twice",
+         "the coach praised his players", "fans cheered the winning runner", "the league title race tightens"]
+FOOD = ["simmer the sauce for ten minutes", "bake the bread until golden", "chop the onions finely",
+        "season the soup with salt", "whisk the eggs and sugar", "roast the vegetables in the oven"]
+
+
+@pytest.fixture()
+def toy_task(tmp_path):
+    """A two-class YAML task with CSV train/validation/test files in tmp_path."""
+    import csv
+
+    def write(name, rows):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows(rows)
+        return str(tmp_path / name)
+
+    rows = [(t, "sport") for t in SPORT] + [(t, "food") for t in FOOD]
+    files = {"train": write("train.csv", rows * 3), "validation": write("validation.csv", rows),
+             "test": write("test.csv", rows)}
+    (tmp_path / "task.yaml").write_text(
+        "name: toy\ntask_type: classification\nlabels: [sport, food]\n"
+        "label_words: {sport: sports, food: food}\nmax_length: 32\n")
+    return {"task": str(tmp_path / "task.yaml"), **{f"{k}_file": v for k, v in files.items()}}

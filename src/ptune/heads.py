@@ -39,7 +39,8 @@ class HeadConfig:
             raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         if self.kind in ("classification", "tagging") and self.num_labels < 1:
             raise ConfigError(f"a {self.kind} head needs num_labels >= 1, got {self.num_labels}")
-        if self.kind == "verbalizer" and len(set(self.label_word_ids)) < 2:
+        # empty label_word_ids: apply() fills them in from the label words and the tokenizer
+        if self.kind == "verbalizer" and self.label_word_ids and len(set(self.label_word_ids)) < 2:
             raise ConfigError("a verbalizer needs at least two label words whose first tokens differ; "
                               "choose label_words that start with different tokens")
 
@@ -72,6 +73,8 @@ class Head(nn.Module):
         if config.kind in ("classification", "tagging"):
             self.classifier = nn.Linear(hidden_size, config.num_labels)
         else:
+            if config.kind == "verbalizer" and not config.label_word_ids:
+                raise ConfigError("a verbalizer head needs label_word_ids; give labels or label_words to apply()")
             self._lm_head.append(lm_head_of(base))
             self.softcap = getattr(base.config, "final_logit_softcapping", None)
             self.register_buffer("label_word_ids", torch.tensor(config.label_word_ids, dtype=torch.long),

@@ -82,8 +82,25 @@ class PtuneModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed(input_ids, virtual_index, task_ids)
         extra = self.adapter.attention_kwargs(input_ids.shape[0], task_ids)
-        return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **extra,
-                                  **generate_kwargs)
+        if not extra:
+            return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+        # generate() refuses keyword arguments that the model's forward() does not name, so the
+        # deep-prompt arguments reach every forward call through a pre-hook for this call only.
+        # Rows are repeated per beam / returned sequence the way generate() expands its inputs.
+        def add_extra(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = kwargs.get("input_ids")
+            if x is None:
+                x = kwargs["inputs_embeds"]
+            rows = x.shape[0]
+            return args, {**kwargs, **{k: v.repeat_interleave(rows // v.shape[0], dim=0)
+                                       for k, v in extra.items()}}
+
+        handle = self.base.register_forward_pre_hook(add_extra, with_kwargs=True)
+        try:
+            return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            handle.remove()
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; shared tensors counted once."""

@@ -20,8 +20,10 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-# architectures whose attention runs through transformers' AttentionInterface (deep prompts need it)
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert", "camembert"}
+# bidirectional (masked-LM) architectures: [CLS] pooling, [MASK] label slot. Whether deep prompts work
+# is a separate question (AttentionInterface support, see methods/prefix_tuning.py)
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert", "camembert",
+                 "mpnet", "deberta", "deberta-v2", "albert"}
 
 
 def _minilm_path() -> str:

@@ -206,7 +206,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         bad = True
                         break
                     acc.backward(loss / len(group))
-                    losses.append(float(loss))
+                    shown = acc.reduce(loss.detach(), reduction="mean") if acc.num_processes > 1 else loss
+                    losses.append(float(shown))
                     seen += len(idx)
                 if bad:
                     optimizer.zero_grad(set_to_none=True)
