@@ -131,12 +131,10 @@ def test_prefix_acts_at_every_generation_step(method, arch, tokenizer):
     full = torch.cat([batch["input_ids"], generated], 1)
     with torch.no_grad():
         nocache = model(full).logits[0, batch["input_ids"].shape[1] - 1:-1]  # (NEW, V) predictions of the new tokens
-        scores = model.base.generate(inputs_embeds=model.embed(batch["input_ids"], None, None),
-                                     attention_mask=batch["attention_mask"], max_new_tokens=NEW, do_sample=False,
-                                     output_scores=True, return_dict_in_generate=True)
+        base_logits = model.base(full).logits[0, batch["input_ids"].shape[1] - 1:-1]
     assert torch.equal(nocache.argmax(-1), generated[0])
-    # the base alone, through the same embeddings path, does not reproduce the adapter's step scores
-    assert not torch.allclose(torch.stack(scores.scores, 1)[0], nocache, atol=1e-3)
+    # at every step, not only the first, the adapter's scores differ from the base's on the same text
+    assert all(not torch.allclose(nocache[i], base_logits[i], atol=1e-3) for i in range(NEW))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -26,7 +26,12 @@ TRAIN_HELP = {
 
 
 def _value(text: str) -> Any:
-    """Parse a flag value like YAML does: 16 -> int, true -> bool, [a, b] -> list, else str."""
+    """Parse a flag value: 16 -> int, 5e-3 -> float, true -> bool, [a, b] -> list, else str."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
     try:
         v = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -141,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -38,6 +38,7 @@ class PtuneModel(nn.Module):
         self.template = template
         self.fingerprint = fingerprint
         self.labels = tuple(labels)
+        self.base_dropout = False  # see train()
         self.label_words = tuple(label_words)
 
     @property
@@ -101,6 +102,18 @@ class PtuneModel(nn.Module):
             return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         finally:
             handle.remove()
+
+    def train(self, mode: bool = True) -> "PtuneModel":
+        """Train mode for the adapter and head; the frozen base keeps dropout off unless ``base_dropout``.
+
+        A frozen base gains nothing from dropout noise that the small adapter must learn around, and
+        dropout costs about a fifth of a CPU training step; methods that train the base's own weights
+        (LoRA, BitFit, full fine-tuning) set ``base_dropout`` so the base trains as usual.
+        """
+        super().train(mode)
+        if mode and not self.base_dropout:
+            self.base.eval()
+        return self
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; shared tensors counted once."""

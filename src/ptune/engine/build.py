@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,6 @@ from ..data import Task, load_builtin, load_records
 from ..data.builtin import BUILTIN_TASKS
 from ..errors import ConfigError, DataError
 from ..heads import HeadConfig
-from ..methods import make_config, method_entry
 from ..model import PtuneModel
 from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
 from ..templates import Encoded, TemplateEncoder
@@ -68,9 +66,7 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer: Any) -> PtuneModel:
     except OSError:
         encoder_model = True  # load_base below reports the real problem
     base = load_base(cfg.model, base_kind(head, encoder_model), quantize=cfg.quantize)
-    cls, _ = method_entry(cfg.method)
-    seeded = "seed" in {f.name for f in dataclasses.fields(cls)}
-    method_config = make_config(cfg.method, **({"seed": cfg.seed} if seeded else {}), **cfg.method_options)
+    method_config = cfg.method_config()
     words = [task.label_words[label] for label in task.labels] if task.label_words else None
     model = apply(base, method_config, head=head, template=task_template(task, head.kind, cfg.template),
                   tokenizer=tokenizer, labels=task.labels, label_words=words)

@@ -59,6 +59,17 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"{f.name}={value!r} must be true or false")
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{f.name}={value!r} must be a number")
+                if isinstance(default, int) and not isinstance(default, bool) and int(value) != value:
+                    raise ConfigError(f"{f.name}={value!r} must be a whole number")
+            if isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f"{f.name}={value!r} must be text")
         checks = [
             (self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "a positive number"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "a positive integer"),
@@ -80,6 +91,15 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is invalid: it must be {want}")
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping, got {type(self.method_options).__name__}")
+        self.method_config()  # unknown method or bad option values fail now, before any model loads
+
+    def method_config(self) -> Any:
+        """The method's own config, built from ``method_options`` (and ``seed`` where it has one)."""
+        from ..methods import make_config, method_entry
+
+        cls, _ = method_entry(self.method)
+        seeded = "seed" in {f.name for f in dataclasses.fields(cls)} and "seed" not in self.method_options
+        return make_config(self.method, **({"seed": self.seed} if seeded else {}), **self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         bad = True
                         break
                     acc.backward(loss / len(group))
-                    shown = acc.reduce(loss.detach(), reduction="mean") if acc.num_processes > 1 else loss
+                    shown = acc.reduce(loss.detach(), reduction="mean") if acc.num_processes > 1 else loss.detach()
                     losses.append(float(shown))
                     seen += len(idx)
                 if bad:
