@@ -113,6 +113,11 @@ class PtuneModel(nn.Module):
         super().train(mode)
         if mode and not self.base_dropout:
             self.base.eval()
+            # transformers checkpoints a layer only while that layer is training: keep the modules that
+            # carry the checkpointing flag (layers, the model body) training, their dropouts stay off
+            for m in self.base.modules():
+                if getattr(m, "gradient_checkpointing", False) is True:
+                    m.training = True
         return self
 
     def trainable_parameters(self) -> tuple[int, int]:

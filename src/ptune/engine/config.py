@@ -47,6 +47,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     quantize: str | None = None  # nf4 | int8 (bitsandbytes)
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    save_every: int = 0  # steps between checkpoints; 0 = at each evaluation
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     limit_train: int = 0  # use only the first N training records (0 = all)
     limit_eval: int = 0
@@ -77,6 +78,8 @@ class TrainConfig:
             (self.lr > 0, "lr", self.lr, "a positive number"),
             (self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {SCHEDULERS}"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)"),
+            (self.save_every >= 0, "save_every", self.save_every, "0 or a positive integer"),
+            (self.eval_every >= 0, "eval_every", self.eval_every, "0 or a positive integer"),
             (self.grad_accum >= 1, "grad_accum", self.grad_accum, "a positive integer"),
             (self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}"),
             (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "nf4, int8 or unset"),

@@ -240,6 +240,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 stop = state["step"] >= total
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                     stop = evaluate_and_keep_best() or stop
+                elif cfg.save_every and state["step"] % cfg.save_every == 0:
+                    checkpoint()
                 if interrupted["flag"]:
                     checkpoint()
                     raise KeyboardInterrupt

@@ -1,0 +1,72 @@
+"""SIGKILL at random moments never leaves a broken run; --resume then ends where an unbroken run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from ptune.api import load_adapter
+from ptune.engine.checkpoint import latest_checkpoint
+
+KILL_TRIALS = 10
+
+
+def _cmd(tiny_model_dir, toy_task, out, *extra):
+    return [sys.executable, "-m", "ptune.cli", "train", "--model", tiny_model_dir, "--task", toy_task["task"],
+            "--train-file", toy_task["train_file"], "--validation-file", toy_task["validation_file"],
+            "--method", "p_tuning", "--template", "[P:2] {text} [P:2]", "--encoder", "lstm",
+            "--epochs", "30", "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32", "--eval-every", "6",
+            "--save-every", "1", "--log-every", "1", "--no-progress", "--output-dir", str(out), *extra]
+
+
+def _losses(run):
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("split") is None]
+
+
+def test_sigkill_then_resume(tiny_model_dir, toy_task, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_cmd(tiny_model_dir, toy_task, tmp_path / "ref"), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    checked = 0
+    for trial in range(KILL_TRIALS):
+        extra = ("--resume",) if latest_checkpoint(run) is not None else ("--overwrite",)
+        proc = subprocess.Popen(_cmd(tiny_model_dir, toy_task, run, *extra), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started = time.time()
+        while not (run / "metrics.jsonl").exists() and proc.poll() is None and time.time() - started < 120:
+            time.sleep(0.05)  # wait for training to start (imports and model loading take seconds)
+        before = (run / "metrics.jsonl").stat().st_size if (run / "metrics.jsonl").exists() else 0
+        while proc.poll() is None and (run / "metrics.jsonl").stat().st_size == before:
+            time.sleep(0.02)  # this process has taken a step
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None:  # whatever moment the kill hit, the checkpoint the pointer names is whole
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            assert state["step"] >= 1
+            load_adapter(ckpt, base=_tiny_base(tiny_model_dir))
+            checked += 1
+    assert checked == KILL_TRIALS
+    final = subprocess.run(_cmd(tiny_model_dir, toy_task, run, "--resume"), env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    got = json.loads((run / "summary.json").read_text())
+    want = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert got["best_validation_accuracy"] == want["best_validation_accuracy"]
+    assert got["steps"] == want["steps"]
+    assert _losses(run) == _losses(tmp_path / "ref")
+
+
+def _tiny_base(path):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path)
