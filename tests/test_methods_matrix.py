@@ -234,6 +234,7 @@ def _loss_and_grads(method: str, arch: str, tokenizer, checkpointing: bool):
     if checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    assert not attn.training  # the frozen base keeps its (attention) dropout off either way
     out = model(**batch)
     out.loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
