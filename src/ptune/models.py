@@ -65,14 +65,21 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = None,
-              quantize: str | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """Load a base model. ``kind``: ``backbone`` (hidden states), ``masked_lm`` or ``causal_lm``."""
+              quantize: str | None = None, trust_remote_code: bool = False,
+              allow_pickle: bool = False) -> nn.Module:
+    """Load a base model. ``kind``: ``backbone`` (hidden states), ``masked_lm`` or ``causal_lm``.
+
+    Pickle-based weight files (``.bin``, ``.pt``) are refused unless ``allow_pickle``; even then
+    transformers reads them with ``torch.load(weights_only=True)``. Remote code stays off unless
+    ``trust_remote_code``.
+    """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     classes = {"backbone": AutoModel, "masked_lm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM}
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     path = resolve_model_path(name)
+    check_weight_files(path, allow_pickle)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -86,6 +93,17 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
         raise _load_error(name, path, e) from e
     model.config._ptune_source = name
     return model
+
+
+def check_weight_files(path: str, allow_pickle: bool) -> None:
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or allow_pickle:
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickled:
+        raise ModelLoadError(
+            f"{path} has only pickle weight files ({', '.join(pickled[:3])}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle (then read with weights_only=True)")
 
 
 def _load_error(name: str, path: str, e: Exception) -> ModelLoadError:

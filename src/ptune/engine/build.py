@@ -62,10 +62,12 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer: Any) -> PtuneModel:
 
     head = head_config(cfg, task)
     try:
-        encoder_model = is_encoder(AutoConfig.from_pretrained(resolve_model_path(cfg.model)))
+        encoder_model = is_encoder(AutoConfig.from_pretrained(resolve_model_path(cfg.model),
+                                                              trust_remote_code=cfg.trust_remote_code))
     except OSError:
         encoder_model = True  # load_base below reports the real problem
-    base = load_base(cfg.model, base_kind(head, encoder_model), quantize=cfg.quantize)
+    base = load_base(cfg.model, base_kind(head, encoder_model), quantize=cfg.quantize,
+                     trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     method_config = cfg.method_config()
     words = [task.label_words[label] for label in task.labels] if task.label_words else None
     model = apply(base, method_config, head=head, template=task_template(task, head.kind, cfg.template),
@@ -108,4 +110,4 @@ def encode_records(task: Task, encoder: TemplateEncoder, records: list[dict], *,
 
 
 def load_run_tokenizer(cfg: TrainConfig) -> Any:
-    return load_tokenizer(cfg.model)
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -46,6 +46,8 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast where the hardware has it
     gradient_checkpointing: bool = False
     quantize: str | None = None  # nf4 | int8 (bitsandbytes)
+    trust_remote_code: bool = False  # run model code shipped with a hub model (off: never)
+    allow_pickle: bool = False  # accept .bin/.pt base weights (read with weights_only=True)
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
     save_every: int = 0  # steps between checkpoints; 0 = at each evaluation
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
