@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,12 +168,3 @@ def backbone_of(model: nn.Module) -> nn.Module:
     """The transformer body of a task model (``BertForMaskedLM.bert``) or the model itself."""
     body = getattr(model, "base_model", None)
     return body if isinstance(body, nn.Module) else model
-
-
-def config_json(model: nn.Module) -> str:
-    return json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-
-
-def local_files(name: str) -> Path | None:
-    p = Path(resolve_model_path(name))
-    return p if p.is_dir() else None
