@@ -48,3 +48,45 @@ def test_user_errors_are_one_line(args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_input_via_cli_is_one_line_and_loses_nothing(tiny_model_dir, toy_task, tmp_path, capsys):
+    """Each user mistake: exit 2, one line naming the problem, no traceback, existing run untouched."""
+    run = tmp_path / "run"
+    base = ["train", "--model", tiny_model_dir, "--task", toy_task["task"], "--validation-file",
+            toy_task["validation_file"], "--max-steps", "1", "--no-progress"]
+    assert main([*base, "--train-file", toy_task["train_file"], "--output-dir", str(run)]) == 0
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("text,label\ngood,sport\nbad,food,extra\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"text,label\ncaf\xe9,food\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("text,label\nhello,weather\n")
+    blank = tmp_path / "blank.csv"
+    blank.write_text('text,label\n"  ",food\n')
+    cases = [
+        (["--train-file", toy_task["train_file"], "--output-dir", str(run)], "already holds a run"),
+        (["--train-file", str(bad_csv), "--output-dir", str(tmp_path / "o1")], "bad.csv line 3: expected 2 fields"),
+        (["--train-file", str(latin), "--output-dir", str(tmp_path / "o2")], "latin.csv line 2: bytes at offset"),
+        (["--train-file", str(empty), "--output-dir", str(tmp_path / "o3")], "empty.jsonl: no records"),
+        (["--train-file", str(unknown), "--output-dir", str(tmp_path / "o4")], "unknown label 'weather'"),
+        (["--train-file", str(blank), "--output-dir", str(tmp_path / "o5")], "text field 'text' is empty"),
+        (["--train-file", toy_task["train_file"], "--method", "prompt_tuning", "--num-virtual-tokens", "0"],
+         "num_virtual_tokens=0 must be a positive integer"),
+        (["--train-file", toy_task["train_file"], "--method", "p_tuning", "--template", "[P:3] about"],
+         "has no input field"),
+        (["--train-file", toy_task["train_file"], "--method", "p_tuning", "--template", "[P:3] {text"],
+         "is never closed"),
+        (["--train-file", toy_task["train_file"], "--lr", "-1"], "lr=-1 is invalid"),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:  # in-process: the same main() the console script runs
+        code = main([*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err[-500:])
+        assert message in err, (message, err)
+        assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
