@@ -14,6 +14,16 @@ from conftest import tiny_base
 import ptune
 from ptune.batching import collate
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs ~3x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 METHODS = {
     "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=4),
     "p_tuning": lambda: ptune.PTuningConfig(template="[P:2] {text} [P:1] end", encoder="lstm"),
