@@ -19,6 +19,15 @@ ARCHS = ("bert", "roberta", "gpt2", "llama", "gemma3")
 DECODERS = ("gpt2", "llama", "gemma3")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs ~3x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(arch: str):
     import transformers as tf
 

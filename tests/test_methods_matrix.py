@@ -19,14 +19,6 @@ from ptune.batching import collate
 from ptune.models import arch_facts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs ~3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 INFIX = "[P:2] {field} [P:1] end"  # P-Tuning's own template: virtual tokens around the input and an anchor
 

@@ -13,15 +13,6 @@ import ptune
 from ptune.batching import collate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on a shared 2-core machine a second one often costs more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 pytestmark = pytest.mark.slow
 
 SPORT = ["the striker scored twice", "the team won the final", "a great goal in extra time",

@@ -24,14 +24,6 @@ from conftest import tiny_base, tiny_config
 import ptune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs ~3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 peft = pytest.importorskip("peft")
 

@@ -15,14 +15,6 @@ import ptune
 from ptune.batching import collate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs ~3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 METHODS = {
     "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=4),

@@ -175,7 +175,9 @@ def export_peft(model: PtuneModel, path: str | Path) -> Path:
     """Write the adapter in HF PEFT's layout (``PeftModel.from_pretrained`` reads it).
 
     Prompt methods export their (encoded) prompt for task 0; the task head is not part of PEFT's
-    layout and is written beside it as ``ptune_head.safetensors``.
+    layout and is written beside it as ``ptune_head.safetensors``. Deep prompts: PEFT feeds prefixes
+    as a KV cache, so its real tokens sit at positions P..P+T-1 where ptune keeps 0..T-1; the
+    exported prefixes are the same tensors, but PEFT's outputs differ from ptune's by that shift.
     """
     export = getattr(model.adapter, "peft_export", None)
     if export is None:
