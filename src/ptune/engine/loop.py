@@ -98,6 +98,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
 
     precision = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available()) else "no"
+    from accelerate.state import AcceleratorState
+
+    # a second train() in one process (notebooks, tests) may ask for another precision; accelerate
+    # keeps one global state, so start it afresh (the process group, if any, is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
     acc.wait_for_everyone()
@@ -213,7 +218,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                     if cfg.nan_policy == "stop":
                         raise PtuneError(
-                            f"loss became {float(loss)} at step {state['step']} (epoch {state['epoch']}); stopped. "
+                            f"loss became {float(loss.detach())} at step {state['step']} (epoch {state['epoch']}); stopped. "
                             f"The last good checkpoint is in {run_dir / 'checkpoints'}; lower --lr, or pass "
                             "--nan-policy skip to skip such batches")
                     state["skipped_batches"] += 1
