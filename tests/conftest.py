@@ -52,6 +52,16 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
+def liven(base, gain: float = 8.0):
+    """Scale the random weight matrices up (std 0.02 -> 0.16) so attention is not uniform and a prompt
+    can move the output within a few steps; the tiny models are random either way."""
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() >= 2:
+                p.mul_(gain)
+    return base
+
+
 def tiny_base(arch: str, kind: str = "backbone", seed: int = 0):
     import transformers as tf
 

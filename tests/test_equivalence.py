@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import liven, tiny_base
 
 import ptune
 from ptune.batching import collate
@@ -21,13 +21,6 @@ HARD = "the following review is about"
 TEXTS = ["a warm and funny film", "dull plot and wooden acting throughout the whole thing"]
 
 
-def liven(base, gain: float = 8.0):
-    """Larger random weights (std 0.16) so every input position visibly matters."""
-    with torch.no_grad():
-        for p in base.parameters():
-            if p.dim() >= 2:
-                p.mul_(gain)
-    return base
 
 
 @pytest.mark.parametrize("arch, head", [("bert", "classification"), ("gpt2", "verbalizer")])

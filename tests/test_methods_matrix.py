@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_base
+from conftest import VOCAB, liven, tiny_base
 
 import ptune
 from ptune.batching import collate
@@ -86,14 +86,6 @@ def build(method: str, arch: str, head: str, tokenizer, *, num_tasks: int = 1):
     return model, batch
 
 
-def liven(base, gain: float = 8.0):
-    """Scale the random weight matrices up (std 0.02 -> 0.16) so attention is not uniform and a prompt can
-    move the output within a few steps; the tiny models are random either way."""
-    with torch.no_grad():
-        for p in base.parameters():
-            if p.dim() >= 2:
-                p.mul_(gain)
-    return base
 
 
 def expected_trainable(method: str, model) -> int:

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import liven, tiny_base
 
 import ptune
 from ptune.batching import collate
@@ -30,13 +30,6 @@ LONGER = ["the striker scored a late goal in the final minute of the match",
           "whisk the eggs with sugar then fold in the flour and bake slowly"]
 
 
-def liven(base, gain: float = 8.0):
-    """Larger random weights (std 0.16) so outputs depend strongly on every input and prompt."""
-    with torch.no_grad():
-        for p in base.parameters():
-            if p.dim() >= 2:
-                p.mul_(gain)
-    return base
 
 
 def make(method: str, arch: str, tokenizer, head: str = "classification", num_tasks: int = 1):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base, tiny_config
+from conftest import liven, tiny_base, tiny_config
 from safetensors.torch import load_file
 
 import ptune
@@ -26,12 +26,6 @@ METHODS = {
 TEXTS = ["the match ended in a draw", "stir the sauce gently", "a late goal won the cup"]
 
 
-def liven(base, gain: float = 8.0):
-    with torch.no_grad():
-        for p in base.parameters():
-            if p.dim() >= 2:
-                p.mul_(gain)
-    return base
 
 
 def make(method: str, arch: str, tokenizer, seed: int = 0):

@@ -6,8 +6,9 @@ from .api import apply, export_peft, load_adapter, read_adapter_config, save_ada
 from .errors import (AdapterMismatchError, ConfigError, DataError, ModelLoadError, PtuneError,  # noqa: E402
                      TemplateError, UnsupportedModelError)
 from .heads import HeadConfig  # noqa: E402
-from .methods import (PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config,  # noqa: E402
-                      make_config)
+from .methods import (AdaLoraConfig, BitFitConfig, FullFinetuneConfig, LoraConfig, PrefixTuningConfig,  # noqa: E402
+                      QLoraConfig,
+                      PromptTuningConfig, PTuningConfig, PTuningV2Config, make_config)
 from .model import PtuneModel  # noqa: E402
 from .models import load_base, load_tokenizer  # noqa: E402
 from .templates import Template, TemplateEncoder  # noqa: E402

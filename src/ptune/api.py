@@ -63,12 +63,15 @@ def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, templ
         raise ConfigError(f"a verbalizer head needs a {{mask}} label slot in the template {resolved.source!r}")
     for p in base.parameters():
         p.requires_grad_(False)
+    fp = fingerprint(base)  # before the method wraps any layer
     _, apply_fn = method_entry(config.method)
     adapter = apply_fn(base, config, template=resolved, tokenizer=tokenizer, label_words=words or None)
     facts = arch_facts(base)
     module = Head(head, base, facts.hidden_size, facts.is_encoder)
-    return PtuneModel(base, adapter, module, method_config=config, head_config=head, template=resolved,
-                      fingerprint=fingerprint(base), labels=tuple(labels), label_words=tuple(words))
+    model = PtuneModel(base, adapter, module, method_config=config, head_config=head, template=resolved,
+                       fingerprint=fp, labels=tuple(labels), label_words=tuple(words))
+    model.base_dropout = bool(getattr(adapter, "trains_base", False))
+    return model
 
 
 def base_kind(head: HeadConfig, is_encoder: bool) -> str:
@@ -187,9 +190,10 @@ def export_peft(model: PtuneModel, path: str | Path) -> Path:
     task_type = {"causal_lm": "CAUSAL_LM", "verbalizer": "CAUSAL_LM" if not facts.is_encoder else None,
                  "classification": "SEQ_CLS", "tagging": "TOKEN_CLS"}[model.head_config.kind]
     cfg = {"base_model_name_or_path": model.fingerprint.get("name"), "task_type": task_type,
-           "inference_mode": True, "num_transformer_submodules": 1, "token_dim": facts.hidden_size,
-           "num_attention_heads": facts.num_attention_heads, "num_layers": facts.num_layers,
-           "revision": None, **extra}
+           "inference_mode": True, "revision": None, **extra}
+    if extra["peft_type"] != "LORA":  # prompt-learning configs describe the model they prompt
+        cfg.update(num_transformer_submodules=1, token_dim=facts.hidden_size,
+                   num_attention_heads=facts.num_attention_heads, num_layers=facts.num_layers)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))

@@ -37,7 +37,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0: stop after this many optimizer steps
     batch_size: int = 32
     eval_batch_size: int = 64
-    lr: float = 1e-2
+    lr: float | None = None  # None: the method's default (prompts 1e-2..3e-2, LoRA 5e-4, full 3e-5)
     weight_decay: float = 0.0
     scheduler: str = "linear"
     warmup_ratio: float = 0.06
@@ -77,7 +77,8 @@ class TrainConfig:
             (self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "a positive number"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "a positive integer"),
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "a positive integer"),
-            (self.lr > 0, "lr", self.lr, "a positive number"),
+            (self.lr is None or (isinstance(self.lr, (int, float)) and self.lr > 0), "lr", self.lr,
+             "a positive number"),
             (self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {SCHEDULERS}"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)"),
             (self.save_every >= 0, "save_every", self.save_every, "0 or a positive integer"),
@@ -97,6 +98,12 @@ class TrainConfig:
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping, got {type(self.method_options).__name__}")
         self.method_config()  # unknown method or bad option values fail now, before any model loads
+
+    @property
+    def learning_rate(self) -> float:
+        from ..methods import method_entry
+
+        return float(self.lr) if self.lr is not None else method_entry(self.method)[0].default_lr
 
     def method_config(self) -> Any:
         """The method's own config, built from ``method_options`` (and ``seed`` where it has one)."""

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from ..api import WEIGHTS_NAME, load_trainable, save_adapter
 from ..batching import length_grouped_order
+from ..quantize import make_optimizer
 from ..errors import ConfigError, PtuneError, TrainingInterrupted
 from .build import build_model, encode_records, load_run_tokenizer, load_task, make_encoder
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
               f"{len(train_ex)} train / {len(val_ex)} validation examples; precision {precision}", flush=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     lengths = [len(e.encoded.input_ids) for e in train_ex]
     batches_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
@@ -139,8 +140,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if acc.is_main_process:
             print(f"ptune: resumed from step {state['step']}", flush=True)
     log = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process, state["step"] if cfg.resume else None)
+    # optional adapter hooks (AdaLoRA): a loss term, a per-step update, the length of the run
     extra_loss = getattr(inner.adapter, "extra_loss", None)
     after_step = getattr(inner.adapter, "after_optimizer_step", None)
+    if hasattr(inner.adapter, "set_total_steps"):
+        inner.adapter.set_total_steps(total)
 
     def evaluate_now() -> dict[str, float]:
         logits = predict_logits(inner, val_ex, batch_size=cfg.eval_batch_size, pad_id=pad_id, device=acc.device,
@@ -229,9 +233,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if after_step is not None:
+                if after_step is not None:  # AdaLoRA: importance from this step's gradients, rank budget
                     after_step(state["step"])
+                optimizer.zero_grad(set_to_none=True)
                 b += cfg.grad_accum
                 state.update(step=state["step"] + 1, batch_in_epoch=b)
                 running.append(sum(losses) / len(losses))

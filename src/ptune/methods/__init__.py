@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from .adalora import AdaLoraConfig, apply_adalora
+from .bitfit import BitFitConfig, FullFinetuneConfig, apply_bitfit, apply_full
+from .lora import LoraConfig, QLoraConfig, apply_lora, apply_qlora
 from .p_tuning import PTuningConfig, apply_p_tuning
 from .prefix_tuning import PrefixTuningConfig, PTuningV2Config, apply_prefix_tuning
 from .prompt_tuning import PromptTuningConfig, apply_prompt_tuning
@@ -21,6 +24,11 @@ METHODS: dict[str, tuple[type, Callable[..., Any]]] = {
     "p_tuning": (PTuningConfig, apply_p_tuning),
     "p_tuning_v2": (PTuningV2Config, apply_prefix_tuning),
     "prefix_tuning": (PrefixTuningConfig, apply_prefix_tuning),
+    "lora": (LoraConfig, apply_lora),
+    "adalora": (AdaLoraConfig, apply_adalora),
+    "qlora": (QLoraConfig, apply_qlora),
+    "bitfit": (BitFitConfig, apply_bitfit),
+    "full": (FullFinetuneConfig, apply_full),
 }
 
 
@@ -46,4 +54,4 @@ def make_config(name: str, **values: Any) -> Any:
 
 
 __all__ = ["METHODS", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
-           "PrefixTuningConfig", "PTuningV2Config"]
+           "PrefixTuningConfig", "PTuningV2Config", "LoraConfig", "QLoraConfig", "AdaLoraConfig", "BitFitConfig", "FullFinetuneConfig"]

@@ -28,6 +28,7 @@ ENCODERS = ("lstm", "mlp", "none")
 @dataclass(frozen=True)
 class PTuningConfig:
     method: ClassVar[str] = "p_tuning"
+    default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
     template: str | None = None  # with [P:n] markers; None: "[P:num_virtual_tokens]" before the task template
     num_virtual_tokens: int = 10  # used only when template is None
     encoder: str = "lstm"  # lstm | mlp | none

@@ -59,6 +59,7 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 @dataclass(frozen=True)
 class PrefixTuningConfig:
     method: ClassVar[str] = "prefix_tuning"
+    default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
     num_virtual_tokens: int = 20  # prefix length P per layer
     prefix_projection: bool = True  # reparameterize through an MLP (prefix tuning); False = P-Tuning v2
     encoder_hidden_size: int = 512  # MLP hidden size when prefix_projection

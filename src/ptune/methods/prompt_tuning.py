@@ -51,6 +51,7 @@ def _check_common(cfg: Any) -> None:
 @dataclass(frozen=True)
 class PromptTuningConfig:
     method: ClassVar[str] = "prompt_tuning"
+    default_lr: ClassVar[float] = 3e-2  # learning rate when --lr is not given
     num_virtual_tokens: int = 20  # soft tokens prepended to the task template
     init: str = "random"  # random | vocab | text | labels
     init_text: str | None = None  # for init="text"
