@@ -75,7 +75,7 @@ def run_peft(method: str, args: argparse.Namespace) -> dict:
             enc["labels"] = torch.tensor([lid[r["label"]] for r in rows])
             yield enc
 
-    train = splits["train"]
+    train = splits["train"][:args.limit_train or None]
     steps = args.epochs * -(-len(train) // args.batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * steps), steps)
@@ -106,11 +106,15 @@ def run_ptune(method: str, args: argparse.Namespace) -> dict:
     out = tempfile.mkdtemp(prefix="ptune-bench-")
     cfg = TrainConfig(model="minilm", task="bbc", method=method, method_options=PTUNE_OPTIONS[method],
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                      seed=args.seed, output_dir=out, progress=False, log_every=1000)
+                      seed=args.seed, output_dir=out, progress=False, log_every=1000, limit_train=args.limit_train)
     s = train(cfg)
-    return {"seconds": s["train_seconds_this_session"],
-            "samples_per_s": s["steps"] * args.batch_size / s["train_seconds_this_session"],
+    seconds = s["train_seconds_this_session"] - s["eval_seconds"]  # PEFT's side is timed without evaluation
+    return {"seconds": seconds, "samples_per_s": min(s["steps"] * args.batch_size, len_train(args)) / seconds,
             "accuracy": s["best_validation_accuracy"]}
+
+
+def len_train(args: argparse.Namespace) -> int:
+    return (args.limit_train or 1777) * args.epochs
 
 
 def one(side: str, method: str, args: argparse.Namespace) -> None:
@@ -127,6 +131,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--limit-train", type=int, default=0, help="use the first N training articles (0 = all 1,777)")
     p.add_argument("--out", default="bench/results.md")
     p.add_argument("--one", help=argparse.SUPPRESS)  # side:method, run in a child process
     args = p.parse_args()
@@ -140,7 +145,8 @@ def main() -> None:
         for side in ("peft", "ptune"):
             cmd = [sys.executable, __file__, "--one", f"{side}:{method}", "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                   "--lr", str(args.lr if method != "lora" else 5e-4), "--seed", str(args.seed)]
+                   "--lr", str(args.lr if method != "lora" else 5e-4), "--seed", str(args.seed),
+                   "--limit-train", str(args.limit_train)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
@@ -166,7 +172,8 @@ def write_table(rows: list, args: argparse.Namespace) -> None:
         lines.append(f"| {method} | {a['samples_per_s']:.1f} | {b['samples_per_s']:.1f} | "
                      f"{b['samples_per_s'] / a['samples_per_s']:.2f}x | {a['accuracy']:.4f} | {b['accuracy']:.4f} | "
                      f"{a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | {b['peak_rss_mb'] / a['peak_rss_mb']:.2f} |")
-    text = (f"MiniLM (all-MiniLM-L6-v2), bbc, max length {args.max_length}, batch {args.batch_size}, "
+    n = args.limit_train or 1777
+    text = (f"MiniLM (all-MiniLM-L6-v2), bbc ({n} training articles), max length {args.max_length}, batch {args.batch_size}, "
             f"{args.epochs} epoch(s), seed {args.seed}, lr {args.lr} (LoRA 5e-4).\n\n" + head + "\n".join(lines) + "\n")
     with open(args.out, "w") as f:
         f.write(text)

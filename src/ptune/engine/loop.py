@@ -163,6 +163,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     def evaluate_and_keep_best() -> bool:
         """Evaluate, save the best adapter, checkpoint; True when early stopping says stop."""
+        started = time.perf_counter()
+        try:
+            return _evaluate_and_keep_best()
+        finally:
+            state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - started
+
+    def _evaluate_and_keep_best() -> bool:
         metrics = evaluate_now()
         value = metrics[metric_key]
         improved = state["best"] is None or (value > state["best"] if higher else value < state["best"])
@@ -285,6 +292,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"best_validation_{metric_key}": state["best"], "best_step": state["best_step"],
         "trainable_parameters": trainable, "total_parameters": total_params,
         "trainable_percent": 100 * trainable / total_params, "train_seconds_this_session": state["train_seconds"],
+        "eval_seconds": state.get("eval_seconds", 0.0),
         "test": test_metrics, "skipped_batches": state["skipped_batches"], "peak_rss_mb": peak_rss_mb(), "precision": precision,
     }
     if acc.is_main_process:
