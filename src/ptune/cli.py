@@ -39,6 +39,19 @@ def _value(text: str) -> Any:
     return text if v is None and text not in ("null", "~", "") else v
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field of a dataclass: the docs live next to the code once."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -52,24 +65,28 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                                    "model and the built-in bbc task.")
     p.add_argument("--config", help="YAML file of options (flags override it)")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    notes = _field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method_options":
             continue
+        text = f"{TRAIN_HELP.get(f.name) or notes.get(f.name, '')} (default {f.default})".strip()
         if isinstance(f.default, bool):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=TRAIN_HELP.get(f.name, f"(default {f.default})"))
+                           default=argparse.SUPPRESS, help=text)
         else:
-            p.add_argument(_flag(f.name), dest=f.name, type=_value, default=argparse.SUPPRESS,
-                           help=TRAIN_HELP.get(f.name, f"(default {f.default})"))
+            p.add_argument(_flag(f.name), dest=f.name, type=_value, default=argparse.SUPPRESS, help=text)
     group = p.add_argument_group("method options (each applies to the methods that have it)")
-    seen = set()
+    owners: dict[str, list[str]] = {}
+    docs: dict[str, str] = {}
     for name, (cls, _) in METHODS.items():
+        comments = _field_comments(cls)
         for f in dataclasses.fields(cls):
-            if f.name in train_fields or f.name in seen:
-                continue
-            seen.add(f.name)
-            group.add_argument(_flag(f.name), dest=f"method.{f.name}", type=_value, default=argparse.SUPPRESS,
-                               metavar="VALUE")
+            if f.name not in train_fields:
+                owners.setdefault(f.name, []).append(name)
+                docs.setdefault(f.name, comments.get(f.name, ""))
+    for option, methods in owners.items():
+        group.add_argument(_flag(option), dest=f"method.{option}", type=_value, default=argparse.SUPPRESS,
+                           metavar="VALUE", help=f"{docs[option]} [{', '.join(methods)}]".strip())
     return p
 
 
