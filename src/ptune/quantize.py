@@ -31,7 +31,7 @@ def bnb_config(kind: str) -> Any:
     """transformers' BitsAndBytesConfig for ``nf4`` (QLoRA defaults) or ``int8``."""
     try:
         from transformers import BitsAndBytesConfig
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (present, or the config would fail later)
     except ImportError as e:
         raise ConfigError(f"--quantize {kind} needs bitsandbytes: pip install bitsandbytes (or ./install.sh quant)") from e
     if kind == "nf4":

@@ -93,7 +93,7 @@ def test_task_yaml_roundtrip_and_errors(tmp_path):
     p.write_text(yaml.safe_dump(t.to_dict()))
     assert Task.from_yaml(p) == t
     p.write_text("name: x\nlabels: [a, b]\ncolour: red\n")
-    with pytest.raises(ConfigError, match=r"unknown task key\(s\) \['colour'\]"):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['colour'\]"):
         Task.from_yaml(p)
     with pytest.raises(ConfigError, match="label_words has no word for"):
         Task(name="x", labels=("a", "b"), label_words={"a": "apple"})

@@ -106,7 +106,7 @@ def test_invalid_config_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="scheduler"):
         TrainConfig(scheduler="exp")
-    with pytest.raises(ConfigError, match="unknown training option"):
+    with pytest.raises(ConfigError, match=r"training options: unknown option\(s\) \[.bach_size.\]"):
         TrainConfig.from_dict({"bach_size": 3})
 
 

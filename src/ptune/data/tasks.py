@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, DataError
+from ..fields import from_values
 
 TASK_TYPES = ("classification", "tagging", "causal_lm")
 METRICS = {"classification": ("accuracy", "macro_f1"), "tagging": ("entity_f1",), "causal_lm": ("loss",)}
@@ -72,16 +73,9 @@ class Task:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "task") -> "Task":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown task key(s) {unknown}; valid keys are {sorted(known)}")
         if "name" not in values:
             raise ConfigError(f"{source}: a task needs a name")
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from e
+        return from_values(cls, values, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Task":

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..fields import from_values
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -118,14 +119,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid ones are {sorted(known)}")
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(str(e)) from e
+        return from_values(cls, values, "training options")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..fields import from_values
 from .adalora import AdaLoraConfig, apply_adalora
 from .bitfit import BitFitConfig, FullFinetuneConfig, apply_bitfit, apply_full
 from .lora import LoraConfig, QLoraConfig, apply_lora, apply_qlora
@@ -40,17 +41,8 @@ def method_entry(name: str) -> tuple[type, Callable[..., Any]]:
 
 def make_config(name: str, **values: Any) -> Any:
     """Build a method config from plain values (YAML, CLI); unknown keys are refused by name."""
-    import dataclasses
-
     cls, _ = method_entry(name)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{name} has no option(s) {unknown}; its options are {sorted(known)}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{name}: {e}") from e
+    return from_values(cls, values, name)
 
 
 __all__ = ["METHODS", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",

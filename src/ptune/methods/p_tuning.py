@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
-from .prompt_tuning import _check_common, initial_prompt, scatter_prompts
+from .prompt_tuning import InputPrompts, _check_common, initial_prompt
 
 ENCODERS = ("lstm", "mlp", "none")
 
@@ -99,7 +99,7 @@ class PromptEncoder(nn.Module):
         return self.norm(y) if self.norm is not None else y
 
 
-class PTuningAdapter(nn.Module):
+class PTuningAdapter(InputPrompts):
     def __init__(self, config: PTuningConfig, num_virtual_tokens: int, embedding: nn.Embedding,
                  **init_kwargs: Any) -> None:
         super().__init__()
@@ -112,13 +112,6 @@ class PTuningAdapter(nn.Module):
 
     def prompts(self) -> torch.Tensor:
         return self.encoder(self.embedding)  # (num_tasks, N, d)
-
-    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
-               task_ids: torch.Tensor | None) -> torch.Tensor:
-        return scatter_prompts(embeds, virtual_index, self.prompts(), task_ids)
-
-    def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
-        return {}
 
     def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
         # PEFT stores the encoder's output for inference (its "inference_mode" layout)

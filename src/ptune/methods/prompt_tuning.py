@@ -101,7 +101,21 @@ def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any
     return weight[ids_t.repeat(reps)[:n]].clone()
 
 
-class PromptEmbedding(nn.Module):
+class InputPrompts(nn.Module):
+    """Shared hooks of the input-side prompt methods: ``prompts()`` fill the placeholders."""
+
+    def prompts(self) -> torch.Tensor:  # (num_tasks, N, d)
+        raise NotImplementedError
+
+    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
+               task_ids: torch.Tensor | None) -> torch.Tensor:
+        return scatter_prompts(embeds, virtual_index, self.prompts(), task_ids)
+
+    def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
+        return {}
+
+
+class PromptEmbedding(InputPrompts):
     """The soft prompt table: (num_tasks, num_virtual_tokens, d)."""
 
     def __init__(self, config: PromptTuningConfig, embedding: nn.Embedding, **init_kwargs: Any) -> None:
@@ -113,13 +127,6 @@ class PromptEmbedding(nn.Module):
 
     def prompts(self) -> torch.Tensor:
         return self.weight  # (num_tasks, N, d)
-
-    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
-               task_ids: torch.Tensor | None) -> torch.Tensor:
-        return scatter_prompts(embeds, virtual_index, self.prompts(), task_ids)
-
-    def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
-        return {}
 
     def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
         cfg = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": self.config.num_virtual_tokens,
