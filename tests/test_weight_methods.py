@@ -141,12 +141,14 @@ def test_adalora_budget_follows_schedule_and_ranks_reload(tokenizer, tmp_path):
     assert torch.equal(again(**b).logits, m(**b).logits)
 
 
-def test_adalora_forward_matches_peft(tokenizer):
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_adalora_forward_matches_peft(arch, tokenizer):
     import peft
 
-    ref = peft.get_peft_model(tiny_base("bert"), peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8,
-                              target_modules=["query", "value"], total_step=10))
-    ours = ptune.apply(tiny_base("bert"), ptune.AdaLoraConfig(init_r=4, target_r=2, alpha=8), tokenizer=tokenizer,
+    targets = ["query", "value"] if arch == "bert" else ["q_proj", "v_proj"]
+    ref = peft.get_peft_model(tiny_base(arch), peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8,
+                              target_modules=targets, total_step=10))
+    ours = ptune.apply(tiny_base(arch), ptune.AdaLoraConfig(init_r=4, target_r=2, alpha=8), tokenizer=tokenizer,
                        labels=("a", "b"))
     params = dict(ref.named_parameters())
     with torch.no_grad():
