@@ -40,10 +40,12 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         pv = ptune_prefix[:, module.layer_idx, 1].to(value.dtype)
         P, Tq, Tk = pk.shape[2], query.shape[2], key.shape[2]
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-        if attention_mask is None:  # build what sdpa would have inferred, now that Tk grows
-            causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
-            m = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
-            attention_mask = (m.tril(diagonal=Tk - Tq) if causal else m)[None, None]
+        if attention_mask is None:
+            if not kwargs.get("is_causal", getattr(module, "is_causal", False)):
+                # every key visible: no mask, so SDPA keeps its unmasked fast path
+                return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+            m = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)  # causal, now that Tk grows
+            attention_mask = m.tril(diagonal=Tk - Tq)[None, None]
         if attention_mask.dtype == torch.bool:
             front = attention_mask.new_ones(attention_mask.shape[:-1] + (P,))
         else:
