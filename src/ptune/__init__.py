@@ -7,8 +7,8 @@ from .errors import (AdapterMismatchError, ConfigError, DataError, ModelLoadErro
                      TemplateError, UnsupportedModelError)
 from .heads import HeadConfig  # noqa: E402
 from .methods import (AdaLoraConfig, BitFitConfig, FullFinetuneConfig, LoraConfig, PrefixTuningConfig,  # noqa: E402
-                      QLoraConfig,
-                      PromptTuningConfig, PTuningConfig, PTuningV2Config, make_config)
+                      PromptTuningConfig, PTuningConfig, PTuningV2Config, QLoraConfig, make_config,
+                      merge_and_unload)
 from .model import PtuneModel  # noqa: E402
 from .models import load_base, load_tokenizer  # noqa: E402
 from .templates import Template, TemplateEncoder  # noqa: E402

@@ -172,6 +172,9 @@ def load_trainable(model: PtuneModel, tensors: dict[str, torch.Tensor], source: 
                 raise AdapterMismatchError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects "
                                            f"{tuple(params[k].shape)}; the adapter was made with other settings")
             params[k].copy_(v)
+    after_load = getattr(model.adapter, "after_load", None)  # adapters with state derived from tensors
+    if after_load is not None:
+        after_load()
 
 
 def export_peft(model: PtuneModel, path: str | Path) -> Path:
@@ -191,7 +194,7 @@ def export_peft(model: PtuneModel, path: str | Path) -> Path:
                  "classification": "SEQ_CLS", "tagging": "TOKEN_CLS"}[model.head_config.kind]
     cfg = {"base_model_name_or_path": model.fingerprint.get("name"), "task_type": task_type,
            "inference_mode": True, "revision": None, **extra}
-    if extra["peft_type"] != "LORA":  # prompt-learning configs describe the model they prompt
+    if extra["peft_type"] in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):  # they describe the model they prompt
         cfg.update(num_transformer_submodules=1, token_dim=facts.hidden_size,
                    num_attention_heads=facts.num_attention_heads, num_layers=facts.num_layers)
     path = Path(path)

@@ -4,7 +4,9 @@ Every method module defines a frozen Config dataclass (with ``method``, ``templa
 ``apply_<method>(base, config, **context)`` that returns the adapter module. An adapter offers
 ``inject(embeds, virtual_index, task_ids)`` (input-side prompts), ``attention_kwargs(batch_size,
 task_ids)`` (deep prompts) and ``peft_export(facts)``; weight-side methods change the base's modules
-in place and return identity hooks.
+in place and return identity hooks. Optional hooks, found with ``getattr``: ``trains_base`` (keep the
+base's dropout on), ``extra_loss()``, ``set_total_steps(n)`` and ``after_optimizer_step(step)`` (the
+training loop's, for AdaLoRA) and ``after_load()`` (called once the saved tensors are loaded).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..fields import from_values
 from .adalora import AdaLoraConfig, apply_adalora
-from .bitfit import BitFitConfig, FullFinetuneConfig, apply_bitfit, apply_full
-from .lora import LoraConfig, QLoraConfig, apply_lora, apply_qlora
+from .bitfit import BitFitConfig, apply_bitfit
+from .full import FullFinetuneConfig, apply_full
+from .lora import LoraConfig, apply_lora, merge_and_unload
 from .p_tuning import PTuningConfig, apply_p_tuning
 from .prefix_tuning import PrefixTuningConfig, PTuningV2Config, apply_prefix_tuning
 from .prompt_tuning import PromptTuningConfig, apply_prompt_tuning
+from .qlora import QLoraConfig, apply_qlora
 
 METHODS: dict[str, tuple[type, Callable[..., Any]]] = {
     "prompt_tuning": (PromptTuningConfig, apply_prompt_tuning),
@@ -46,4 +50,5 @@ def make_config(name: str, **values: Any) -> Any:
 
 
 __all__ = ["METHODS", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
-           "PrefixTuningConfig", "PTuningV2Config", "LoraConfig", "QLoraConfig", "AdaLoraConfig", "BitFitConfig", "FullFinetuneConfig"]
+           "PrefixTuningConfig", "PTuningV2Config", "LoraConfig", "QLoraConfig", "AdaLoraConfig", "BitFitConfig",
+           "FullFinetuneConfig", "merge_and_unload"]

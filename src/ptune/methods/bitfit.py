@@ -1,8 +1,11 @@
-"""BitFit (Ben Zaken et al. 2022, arXiv:2106.10199) and full fine-tuning: the two baselines.
+"""BitFit (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
+Masked Language-models", arXiv:2106.10199): a baseline.
 
-BitFit trains only the base's bias terms (plus the task head); full fine-tuning trains everything.
-Both act on the base's own parameters, so the base keeps dropout on while training. Neither has an
-HF PEFT layout to export to.
+Only the base's bias terms train (every one: attention, feed-forward and LayerNorm biases, as the
+paper), plus the task head. The biases are the base's own parameters, so saving the trainable
+tensors saves them by name and the base keeps dropout on while training. Models built without
+biases (Llama, Gemma, Qwen, Mistral) are refused with a pointer to LoRA. Omitted: the paper's
+query-and-intermediate-bias-only variant; there is no HF PEFT layout to export to.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from .lora import no_virtual_tokens
 
 
 class BaseParamsAdapter(nn.Module):
-    """Marks base parameters trainable; no input or attention hooks."""
+    """Marks some of the base's own parameters trainable; identity input and attention hooks."""
 
-    trains_base = True
+    trains_base = True  # the base's own weights train: keep its dropout on
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -37,33 +40,17 @@ class BaseParamsAdapter(nn.Module):
 @dataclass(frozen=True)
 class BitFitConfig:
     method: ClassVar[str] = "bitfit"
-    default_lr: ClassVar[float] = 1e-3
-
-    def template_for(self, task_template: Template) -> Template:
-        return no_virtual_tokens(self.method, task_template)
-
-
-@dataclass(frozen=True)
-class FullFinetuneConfig:
-    method: ClassVar[str] = "full"
-    default_lr: ClassVar[float] = 3e-5
+    default_lr: ClassVar[float] = 1e-3  # the paper searched 1e-4..1e-3
 
     def template_for(self, task_template: Template) -> Template:
         return no_virtual_tokens(self.method, task_template)
 
 
 def apply_bitfit(base: nn.Module, config: BitFitConfig, **_: Any) -> BaseParamsAdapter:
-    biases = [p for n, p in base.named_parameters() if n.endswith("bias")]
+    biases = [p for n, p in base.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and p.is_floating_point()]
     if not biases:
-        raise ConfigError(f"bitfit: {type(base).__name__} has no bias terms (Llama-style models have none); "
-                          "use lora instead")
+        raise ConfigError(f"bitfit: {type(base).__name__} has no bias terms to train (Llama-style models are built "
+                          "without biases); use lora instead")
     for p in biases:
         p.requires_grad_(True)
-    return BaseParamsAdapter(config)
-
-
-def apply_full(base: nn.Module, config: FullFinetuneConfig, **_: Any) -> BaseParamsAdapter:
-    for p in base.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(True)
     return BaseParamsAdapter(config)

@@ -1,12 +1,19 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685).
 
 Each targeted linear layer computes W x + (alpha / r) B A dropout(x), with A (r x in) initialised
-like HF PEFT (Kaiming-uniform) and B (out x r) at zero, so the adapted model starts equal to the
-base. The update can be merged into W (and unmerged), or merged for good with ``merge_and_unload``.
-Targets: module-name suffixes (default: the attention query and value projections, as the paper)
-or a regular expression written ``"re:<pattern>"``. Handles ``nn.Linear``, transformers' ``Conv1D``
-(GPT-2, weight stored transposed) and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (QLoRA).
-Omitted: per-row LoRA pairs for mixed-task batches, LoRA on embeddings.
+like HF PEFT (Kaiming-uniform, a = sqrt 5) and B (out x r) at zero, so the adapted model starts
+equal to the base. The LoRA tensors live inside the base's modules (``<layer>.lora_A``), so saving
+the trainable parameters saves them by name; the adapter object ptune holds only points at them.
+The update can be merged into W and unmerged, or merged for good with ``merge_and_unload``.
+
+Targets: module-name suffixes (default: the attention query and value projections, as the paper),
+a regular expression written ``"re:<pattern>"`` (full match, as PEFT), or ``"all-linear"`` (every
+linear layer but the output head, as QLoRA). Wraps ``nn.Linear``, transformers' ``Conv1D`` (GPT-2,
+weight stored transposed) and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (QLoRA); quantized
+layers cannot be merged. Omitted: LoRA on embeddings and convolutions, DoRA / rsLoRA / PiSSA
+initialisations, and per-row LoRA pairs for mixed-task batches (the door is open: the adapter gets
+each batch's ``task_ids`` through ``attention_kwargs``, where a per-row variant would hand its
+layers the rows' (num_tasks, r, in) slices).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -22,9 +29,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..templates import Template
 
+# attention query / value projections per architecture (the LoRA paper's choice)
 DEFAULT_TARGETS = {"bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
-                   "electra": ("query", "value"), "distilbert": ("q_lin", "v_lin"), "gpt2": ("c_attn",)}
-FALLBACK_TARGETS = ("q_proj", "v_proj")  # Llama, Gemma, Qwen, Mistral, ...
+                   "electra": ("query", "value"), "camembert": ("query", "value"),
+                   "distilbert": ("q_lin", "v_lin"), "gpt2": ("c_attn",)}
+FALLBACK_TARGETS = ("q_proj", "v_proj")  # Llama, Gemma, Qwen, Mistral, Phi-3, ...
+ALL_LINEAR = "all-linear"
 
 
 def no_virtual_tokens(method: str, task_template: Template) -> Template:
@@ -34,6 +44,22 @@ def no_virtual_tokens(method: str, task_template: Template) -> Template:
     return task_template
 
 
+def normalize_targets(targets: Any) -> tuple[str, ...] | None:
+    """``target_modules`` as a tuple (a lone string is one target); regexes are checked here."""
+    if targets is None:
+        return None
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not targets:
+        raise ConfigError("target_modules is empty; name at least one module or leave it unset")
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise ConfigError(f"target_modules entry {t!r} is not a valid regular expression ({e})") from e
+    return targets
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     method: ClassVar[str] = "lora"
@@ -41,61 +67,72 @@ class LoraConfig:
     r: int = 8  # rank of the update
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
     dropout: float = 0.0  # on the LoRA branch's input
-    target_modules: tuple[str, ...] | None = None  # name suffixes, or "re:<regex>"; None: per architecture
+    target_modules: tuple[str, ...] | None = None  # suffixes, "re:<regex>" or "all-linear"; None: per architecture
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha!r} must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.target_modules is not None:
-            targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
-            if not targets:
-                raise ConfigError("target_modules is empty; name at least one module or leave it unset")
-            object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
 
     def template_for(self, task_template: Template) -> Template:
         return no_virtual_tokens(self.method, task_template)
 
 
-def layer_dims(layer: nn.Module) -> tuple[int, int]:
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes' 4/8-bit layers subclass it) or transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def layer_dims(name: str, layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer."""
-    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
-        return layer.in_features, layer.out_features
     if type(layer).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
         return layer.weight.shape[0], layer.weight.shape[1]
-    raise ConfigError(f"LoRA cannot wrap a {type(layer).__name__}; target linear layers")
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    raise ConfigError(f"{name} is a {type(layer).__name__}; LoRA wraps linear layers only, so pick target_modules "
+                      "that name linear layers (e.g. query, value, q_proj, c_attn)")
 
 
-class LoraLinear(nn.Module):
-    """A frozen linear-like layer plus a trainable low-rank update."""
+class LowRankLayer(nn.Module):
+    """A frozen linear-like layer plus a trainable low-rank branch (shared by LoRA and AdaLoRA)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, name: str, base_layer: nn.Module, dropout: float) -> None:
         super().__init__()
         self.base_layer = base_layer
-        in_f, out_f = layer_dims(base_layer)
-        self.lora_A = nn.Parameter(torch.empty(r, in_f))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / r
+        self.in_features, self.out_features = layer_dims(name, base_layer)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
         self.transposed = type(base_layer).__name__ == "Conv1D"
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads ``layer.weight`` (dtype, device checks)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def delta_weight(self) -> torch.Tensor:  # (out, in)
-        return (self.lora_B @ self.lora_A) * self.scaling
+        raise NotImplementedError
+
+    def update(self, h: torch.Tensor) -> torch.Tensor:  # h (..., in) -> (..., out)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
             return y
-        h = self.dropout(x).to(self.lora_A.dtype)
-        return y + ((h @ self.lora_A.T) @ self.lora_B.T * self.scaling).to(y.dtype)
+        return y + self.update(self.dropout(x).to(self.lora_A.dtype)).to(y.dtype)
 
     def _add_to_weight(self, sign: float) -> None:
         w = self.base_layer.weight
         if not w.is_floating_point():
-            raise ConfigError("cannot merge LoRA into a quantized layer; dequantize the base first")
+            raise ConfigError("cannot merge a low-rank update into a quantized layer; load the base unquantized "
+                              "(without --quantize) and put the saved adapter on it, then merge")
         delta = self.delta_weight().to(w.dtype)
         with torch.no_grad():
             w.add_(sign * (delta.T if self.transposed else delta))
@@ -111,46 +148,96 @@ class LoraLinear(nn.Module):
             self.merged = False
 
 
+class LoraLinear(LowRankLayer):
+    """W x + (alpha / r) B A dropout(x); A (r, in) Kaiming-uniform, B (out, r) zero."""
+
+    def __init__(self, name: str, base_layer: nn.Module, r: int, alpha: float, dropout: float) -> None:
+        super().__init__(name, base_layer, dropout)
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear(in, r), as PEFT
+        self.scaling = alpha / r
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def update(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.lora_A.T) @ self.lora_B.T * self.scaling
+
+
+def _matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
 def find_targets(base: nn.Module, targets: tuple[str, ...] | None, method: str) -> list[str]:
-    """Names of the modules to wrap; a clear error if none match."""
+    """Names of the modules to wrap, in model order; a clear error if none match."""
     model_type = getattr(base.config, "model_type", "")
     targets = targets or DEFAULT_TARGETS.get(model_type, FALLBACK_TARGETS)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    inside = tuple(n + "." for n, m in base.named_modules() if isinstance(m, LowRankLayer))
     names = []
     for name, module in base.named_modules():
-        if isinstance(module, LoraLinear) or ".base_layer" in name:
+        if not name or name.startswith(inside) or isinstance(module, LowRankLayer):
             continue
-        for t in targets:
-            hit = re.fullmatch(t[3:], name) if t.startswith("re:") else (name == t or name.endswith("." + t))
-            if hit:
-                names.append(name)
-                break
+        if ALL_LINEAR in targets and is_linear_like(module) and module is not head:
+            names.append(name)
+        elif any(_matches(name, t) for t in targets if t != ALL_LINEAR):
+            layer_dims(name, module)  # a clear error for a non-linear match
+            names.append(name)
     if not names:
-        sample = [n for n, m in base.named_modules() if n and not list(m.children())][:8]
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if is_linear_like(m)})
+        example = next((n for n, m in base.named_modules() if is_linear_like(m)), "")
         raise ConfigError(f"{method}: target_modules {list(targets)} match no module of {type(base).__name__}; "
-                          f"its layers are named like {sample}")
+                          f"its linear layers are named {linear[:12]} (full names like {example!r}); "
+                          "give name suffixes, 're:<regex>' or 'all-linear'")
     return names
 
 
-def wrap_layers(base: nn.Module, names: list[str], make: Any) -> list[str]:
+def check_rank(base: nn.Module, names: list[str], r: int, field: str) -> None:
+    for name in names:
+        in_f, out_f = layer_dims(name, base.get_submodule(name))
+        if r > min(in_f, out_f):
+            raise ConfigError(f"{field}={r} exceeds the width of {name} ({in_f} -> {out_f}); "
+                              f"use {field} <= {min(in_f, out_f)} or leave that layer out of target_modules")
+
+
+def wrap_layers(base: nn.Module, names: list[str], make: Callable[[str, nn.Module], nn.Module]) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = base.get_submodule(parent_name) if parent_name else base
         setattr(parent, child, make(name, getattr(parent, child)))
-    return names
 
 
-class LoraAdapter(nn.Module):
-    """Bookkeeping for LoRA layers living inside the base (their parameters belong to the base)."""
+def peft_targets(base: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` that select exactly ``names``: their suffixes, or else a regex of the names."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    hits = {n for n, m in base.named_modules() if isinstance(m, LowRankLayer)
+            or (is_linear_like(m) and any(n == s or n.endswith("." + s) for s in suffixes))}
+    hits -= {n for n in hits if n.endswith(".base_layer")}
+    return suffixes if hits == set(names) else "(" + "|".join(re.escape(n) for n in names) + ")"
 
-    trains_base = True  # the base's own layers carry trainable weights: keep its dropout on
 
-    def __init__(self, config: LoraConfig, base: nn.Module, names: list[str]) -> None:
+def peft_task_type(base: nn.Module) -> dict:
+    """A bare transformer body (ptune's own head sits on top) is a feature extractor to PEFT."""
+    body = getattr(base, "base_model", None)
+    return {"task_type": "FEATURE_EXTRACTION"} if body is None or body is base else {}
+
+
+class WeightAdapter(nn.Module):
+    """Bookkeeping for low-rank layers living inside the base: the parameters belong to the base."""
+
+    trains_base = True  # the base's own modules carry trainable weights: keep its dropout on
+
+    def __init__(self, config: Any, base: nn.Module, names: list[str]) -> None:
         super().__init__()
         self.config = config
         self.names = names
-        self._base = [base]  # a plain list: not a submodule, so parameters are not registered twice
+        self._base = [base]  # a plain list: not a submodule, so no parameter is registered twice
 
-    def layers(self) -> dict[str, LoraLinear]:
+    def layers(self) -> dict[str, LowRankLayer]:
         return {n: self._base[0].get_submodule(n) for n in self.names}
 
     def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor, task_ids: Any) -> torch.Tensor:
@@ -167,13 +254,18 @@ class LoraAdapter(nn.Module):
         for layer in self.layers().values():
             layer.unmerge()
 
+
+class LoraAdapter(WeightAdapter):
     def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+        """PEFT's LoRA layout; keys are relative to the model PEFT wraps (the base)."""
+        layers = self.layers()
         cfg = {"peft_type": "LORA", "r": self.config.r, "lora_alpha": self.config.alpha,
                "lora_dropout": self.config.dropout, "bias": "none",
-               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.names}),
-               "fan_in_fan_out": any(layer.transposed for layer in self.layers().values())}
+               "target_modules": peft_targets(self._base[0], self.names),
+               "fan_in_fan_out": any(layer.transposed for layer in layers.values()),
+               **peft_task_type(self._base[0])}
         tensors = {}
-        for name, layer in self.layers().items():
+        for name, layer in layers.items():
             tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().clone()
             tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().clone()
         return cfg, tensors
@@ -181,35 +273,17 @@ class LoraAdapter(nn.Module):
 
 def apply_lora(base: nn.Module, config: LoraConfig, **_: Any) -> LoraAdapter:
     names = find_targets(base, config.target_modules, config.method)
-    for name in names:
-        in_f, out_f = layer_dims(base.get_submodule(name))
-        if config.r > min(in_f, out_f):
-            raise ConfigError(f"r={config.r} exceeds the width of {name} ({in_f} -> {out_f}); "
-                              f"use r <= {min(in_f, out_f)}")
-    wrap_layers(base, names, lambda _, layer: LoraLinear(layer, config.r, config.alpha, config.dropout))
+    check_rank(base, names, config.r, "r")
+    wrap_layers(base, names, lambda name, layer: LoraLinear(name, layer, config.r, config.alpha, config.dropout))
     return LoraAdapter(config, base, names)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every LoRA update into its layer and put the plain layers back."""
+    """Merge every low-rank update into its layer and put the plain layers back (a PtuneModel or a base)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LowRankLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.base_layer)
     return model
-
-
-@dataclass(frozen=True)
-class QLoraConfig(LoraConfig):
-    """LoRA on a 4-bit NF4 base (load it with ``quantize="nf4"`` / ``--quantize nf4``)."""
-
-    method: ClassVar[str] = "qlora"
-
-
-def apply_qlora(base: nn.Module, config: QLoraConfig, **kwargs: Any) -> LoraAdapter:
-    if not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in base.modules()):
-        raise ConfigError("qlora expects a quantized base: pass --quantize nf4 (or load_base(..., quantize='nf4')); "
-                          "for an unquantized base use lora")
-    return apply_lora(base, config, **kwargs)
