@@ -149,7 +149,9 @@ def fingerprint(model: nn.Module) -> dict:
     """
     facts = asdict(arch_facts(model))
     h = hashlib.sha256()
-    params = [p for _, p in sorted(backbone_of(model).named_parameters(), key=lambda kv: kv[0])]
+    # floating-point weights only: bitsandbytes repacks 4-bit weights in place on first use
+    params = [p for _, p in sorted(backbone_of(model).named_parameters(), key=lambda kv: kv[0])
+              if p.is_floating_point()]
     for p in (params[0], params[len(params) // 2], params[-1]):
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096]

@@ -80,12 +80,12 @@ def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any
     weight = embedding.weight.detach().float()
     gen = torch.Generator().manual_seed(seed)
     if init == "random":
-        return torch.randn(n, weight.shape[1], generator=gen) * weight.std()
+        return torch.randn(n, weight.shape[1], generator=gen) * weight.std().cpu()
     if init == "vocab":
         # common-ish tokens: Lester et al. sample from the 5,000 most frequent; ids are a proxy
         hi = min(weight.shape[0], 5000)
         ids = torch.randint(0, hi, (n,), generator=gen)
-        return weight[ids].clone()
+        return weight[ids.to(weight.device)].cpu().clone()
     if tokenizer is None:
         raise ConfigError(f"init={init!r} needs the tokenizer; pass tokenizer= to apply()")
     if init == "text":
@@ -96,9 +96,9 @@ def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any
         ids = [i for w in label_words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise ConfigError(f"init={init!r}: the text tokenizes to nothing; give some words")
-    ids_t = torch.tensor(ids)
+    ids_t = torch.tensor(ids, device=weight.device)
     reps = -(-n // len(ids))  # ceil
-    return weight[ids_t.repeat(reps)[:n]].clone()
+    return weight[ids_t.repeat(reps)[:n]].cpu().clone()
 
 
 class InputPrompts(nn.Module):
