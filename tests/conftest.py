@@ -62,6 +62,22 @@ def liven(base, gain: float = 8.0):
     return base
 
 
+def train_steps(model, batch, steps: int = 5, lr: float = 1e-2, bf16: bool = False) -> list[float]:
+    """A few AdamW steps (no weight decay: only gradients move weights); returns the losses, leaves eval mode."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 def tiny_base(arch: str, kind: str = "backbone", seed: int = 0):
     import transformers as tf
 

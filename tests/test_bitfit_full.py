@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import liven, tiny_base
+from conftest import liven, tiny_base, train_steps
 
 import ptune
 from ptune.batching import collate
@@ -21,17 +21,7 @@ def setup(arch, config, tokenizer):
 
 
 def train(model, batch, steps=5, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    return train_steps(model, batch, steps, lr)
 
 
 def test_bitfit_trains_exactly_the_biases(tokenizer, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, liven, tiny_base, tiny_config
+from conftest import ARCHS, liven, tiny_base, tiny_config, train_steps
 
 import ptune
 from ptune.batching import collate
@@ -27,17 +27,7 @@ def lm_batch(model, tok):
 
 
 def train(model, batch, steps=5, lr=2e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    return train_steps(model, batch, steps, lr)
 
 
 def classifier(arch, config, tokenizer, **head):

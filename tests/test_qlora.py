@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import liven
+from conftest import liven, train_steps
 
 import ptune
 from ptune.batching import collate
@@ -105,18 +105,7 @@ def test_int8_quantization():
 
 
 def train(model, batch, steps=20, lr=1e-2):
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    return train_steps(model, batch, steps, lr, bf16=True)
 
 
 @pytest.mark.parametrize("config", [ptune.QLoraConfig(r=4), ptune.PromptTuningConfig(num_virtual_tokens=4),
