@@ -140,6 +140,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .engine import Run
+
+    options = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        options.update(temperature=args.temperature, top_p=args.top_p)
+    for text in Run(args.run).generate(args.prompt, max_new_tokens=args.max_new_tokens, **options):
+        print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptune", description="Parameter-efficient fine-tuning centred on P-Tuning.")
     sub = parser.add_subparsers(dest="command")
@@ -155,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", help="a data file of records to label")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
     pr.set_defaults(func=_predict)
+    g = sub.add_parser("generate", help="continue prompts with a finished causal-LM run")
+    g.add_argument("run", help="run directory")
+    g.add_argument("prompt", nargs="+", help="prompts to continue")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.set_defaults(func=_generate)
     return parser
 
 

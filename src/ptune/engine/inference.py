@@ -76,3 +76,18 @@ class Run:
                 probs = torch.softmax(logits[i][0], -1).tolist()
                 out.append({"label": pred, "probabilities": dict(zip(task.labels, probs))})
         return out
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
+        """Continue each prompt with the adapter active (greedy unless ``do_sample=True`` etc.)."""
+        if self.model.fingerprint.get("is_encoder", True) or not self.model.head_config.needs_lm:
+            raise PtuneError("generate needs a run on a causal LM with a verbalizer or causal_lm head")
+        field = self.task.text_fields[0]
+        rows = [self.encoder.encode({field: p}) for p in prompts]
+        from ..batching import collate
+
+        batch = collate(rows, pad_id=self.encoder.placeholder_id, left=True)
+        tok = self.tokenizer
+        out = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["virtual_index"],
+                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **generate_kwargs)
+        return [tok.decode(seq, skip_special_tokens=True) for seq in out]
+

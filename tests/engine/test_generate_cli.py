@@ -1,0 +1,30 @@
+"""Causal-LM training on prompt/response data, then `ptune generate` with the trained adapter."""
+
+from __future__ import annotations
+
+import json
+
+from ptune.cli import main
+
+
+def test_causal_lm_run_then_generate(tiny_gpt2_dir, tmp_path, capsys):
+    rows = [{"text": "the capital of france is", "target": "paris"},
+            {"text": "the capital of italy is", "target": "rome"}] * 4
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text("name: lm\ntask_type: causal_lm\nmax_length: 32\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_gpt2_dir, "--task", str(tmp_path / "task.yaml"),
+            "--train-file", str(tmp_path / "train.jsonl"), "--validation-file", str(tmp_path / "train.jsonl"),
+            "--method", "prefix_tuning", "--num-virtual-tokens", "4", "--max-steps", "2", "--batch-size", "4",
+            "--no-progress", "--output-dir", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["best_validation_loss"] < 20  # loss on the targets only, finite
+    capsys.readouterr()
+    assert main(["generate", str(out), "the capital of france is", "the capital of italy is",
+                 "--max-new-tokens", "5"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()
+    assert len(first) == 2 and all(line.strip() for line in first)
+    assert main(["generate", str(out), "the capital of france is", "the capital of italy is",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == first  # greedy: deterministic
