@@ -259,3 +259,20 @@ def test_masked_template_needs_a_mask_token():
 
     with pytest.raises(TemplateError, match="no mask token"):
         TemplateEncoder("{text} {mask}", NoMask())
+
+
+def test_spaces_before_a_field_stay_with_the_field_under_bpe():
+    """ "The capital of {subject} is" must tokenize as the running text does (" France", not " " + "France")."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The capital of France is Paris.", "The capital of Japan is Tokyo."] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    enc = TemplateEncoder("The capital of {subject} is{mask}", tok, causal=True)
+    got = enc.encode({"subject": "France"})
+    assert got.input_ids == tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert got.label_position == len(got.input_ids) - 1
+    spaced = TemplateEncoder("[P:2] {subject} is [P:1]{mask}", tok, causal=True).encode({"subject": "Japan"})
+    assert spaced.input_ids[2:-1] == tok(" Japan is", add_special_tokens=False)["input_ids"]

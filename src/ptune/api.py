@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, PtuneError
-from .heads import Head, HeadConfig, label_word_ids
+from .heads import Head, HeadConfig, collision_message, first_token_collisions, label_word_ids
 from .methods import make_config, method_entry
 from .model import PtuneModel
 from .models import arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
@@ -56,6 +56,9 @@ def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, templ
     if head.kind == "verbalizer" and not head.label_word_ids:
         if tokenizer is None or not words:
             raise ConfigError("a verbalizer head needs a tokenizer and label words")
+        groups = first_token_collisions(tokenizer, words, causal)
+        if groups:
+            raise ConfigError(collision_message(groups))
         head = dataclasses.replace(head, label_word_ids=label_word_ids(tokenizer, words, causal))
     task_template = Template.parse(template or default_template(head))
     resolved = config.template_for(task_template)

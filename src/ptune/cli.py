@@ -111,31 +111,70 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from .engine import Run
+ZERO_SHOT_FIELDS = ("model", "task", "template", "max_length", "eval_batch_size", "validation_file", "test_file",
+                    "quantize", "seed", "trust_remote_code", "allow_pickle")
 
-    metrics = Run(args.run).evaluate(split=args.split, file=args.file)
+
+def _zero_shot_options(p: argparse.ArgumentParser) -> None:
+    """``run`` or ``--zero-shot`` plus the TrainConfig fields a zero-shot model needs."""
+    from .engine.config import TrainConfig
+
+    p.add_argument("run", nargs="?", help="run directory (the --output-dir of ptune train)")
+    group = p.add_argument_group("zero-shot: the task's hand-written prompt, nothing trained (instead of RUN)")
+    group.add_argument("--zero-shot", action="store_true",
+                       help="score the task template's label words with the frozen LM (verbalizer)")
+    notes = _field_comments(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ZERO_SHOT_FIELDS:
+            text = f"{TRAIN_HELP.get(f.name) or notes.get(f.name, '')} (default {f.default})"
+            kind = argparse.BooleanOptionalAction if isinstance(f.default, bool) else "store"
+            extra = {} if kind != "store" else {"type": _value}
+            group.add_argument(_flag(f.name), dest=f"zs.{f.name}", action=kind, default=argparse.SUPPRESS,
+                               help=text, **extra)
+
+
+def _open_run(args: argparse.Namespace) -> Any:
+    from .engine import Run, TrainConfig
+    from .errors import ConfigError
+
+    options = {k[3:]: v for k, v in vars(args).items() if k.startswith("zs.")}
+    if args.zero_shot == bool(args.run):
+        raise ConfigError("give either a run directory or --zero-shot (with --model and --task), not both")
+    if args.run:
+        if options:
+            raise ConfigError(f"{', '.join(_flag(k) for k in options)} only apply with --zero-shot; "
+                              "a run keeps the settings it was trained with")
+        return Run(args.run)
+    say = lambda line: print(f"ptune: {line}", file=sys.stderr)  # noqa: E731
+    return Run.zero_shot(TrainConfig.from_dict(options), log=say)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    run = _open_run(args)
+    metrics = run.evaluate(split=args.split, file=args.file, limit=args.limit)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .data import load_records
-    from .engine import Run
+    from .errors import ConfigError
 
-    run = Run(args.run)
+    if args.zero_shot and args.run:  # no run directory: the first positional is a text
+        args.text, args.run = [args.run, *args.text], None
+    run = _open_run(args)
     inputs: list = list(args.text)
     if args.file:
         inputs += load_records(args.file)
     if not inputs:
-        raise SystemExit("ptune: error: give some text or --file")
+        raise ConfigError("give some text to label, or --file")
     for result in run.predict(inputs):
         if args.json:
             print(json.dumps(result))
         elif "tags" in result:
             print(" ".join(f"{t}/{g}" for t, g in zip(result["tokens"], result["tags"])))
         else:
-            probs = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])
+            probs = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:5]  # the top 5
             print(f"{result['label']}\t" + "  ".join(f"{k}={v:.3f}" for k, v in probs))
     return 0
 
@@ -155,13 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptune", description="Parameter-efficient fine-tuning centred on P-Tuning.")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub).set_defaults(func=_train)
-    e = sub.add_parser("eval", help="evaluate a finished run on a split or a labelled file")
-    e.add_argument("run", help="run directory (the --output-dir of ptune train)")
+    e = sub.add_parser("eval", help="evaluate a finished run (or a zero-shot prompt) on a split or a file",
+                       description="Evaluate a finished run, or with --zero-shot the task's hand-written prompt "
+                                   "on a frozen LM (e.g. ptune eval --zero-shot --model gemma --task lama-capital).")
+    _zero_shot_options(e)
     e.add_argument("--split", default="test", help="validation or test (default test)")
     e.add_argument("--file", help="a labelled data file instead of a split")
+    e.add_argument("--limit", type=int, default=0, help="score only the first N records (default 0: all)")
     e.set_defaults(func=_eval)
-    pr = sub.add_parser("predict", help="label new text with a finished run")
-    pr.add_argument("run", help="run directory")
+    pr = sub.add_parser("predict", help="label new text with a finished run (or a zero-shot prompt)")
+    _zero_shot_options(pr)
     pr.add_argument("text", nargs="*", help="texts to label")
     pr.add_argument("--file", help="a data file of records to label")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")

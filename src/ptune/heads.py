@@ -129,3 +129,18 @@ def label_word_ids(tokenizer: Any, words: list[str], causal: bool) -> tuple[int,
             raise ConfigError(f"label word {w!r} tokenizes to nothing; pick another word")
         ids.append(toks[0])
     return tuple(ids)
+
+
+def first_token_collisions(tokenizer: Any, words: list[str], causal: bool) -> list[list[str]]:
+    """Groups of label words sharing a first token (a verbalizer scores first tokens only)."""
+    groups: dict[int, list[str]] = {}
+    for w, i in zip(words, label_word_ids(tokenizer, words, causal)):
+        groups.setdefault(i, []).append(w)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def collision_message(groups: list[list[str]]) -> str:
+    shown = "; ".join(" / ".join(repr(w) for w in g) for g in groups[:3])
+    more = f" and {len(groups) - 3} more groups" if len(groups) > 3 else ""
+    return (f"label words share a first token, so a verbalizer cannot tell them apart: {shown}{more}; "
+            "choose label_words that start differently")

@@ -36,4 +36,7 @@ def compute_metrics(task: Any, preds: Sequence[Any], refs: Sequence[Any]) -> dic
         flat_p = [t for seq in preds for t in seq]
         flat_r = [t for seq in refs for t in seq]
         return {**entity_scores(preds, refs), "accuracy": accuracy(flat_p, flat_r)}
-    return {"accuracy": accuracy(preds, refs), "macro_f1": macro_f1(preds, refs, task.labels)}
+    out = {"accuracy": accuracy(preds, refs), "macro_f1": macro_f1(preds, refs, task.labels)}
+    if task.metric == "precision_at_1":  # probing: accuracy of the top candidate, under LAMA's name
+        out["precision_at_1"] = out["accuracy"]
+    return out

@@ -189,8 +189,10 @@ class TemplateEncoder:
                 if seg.value.strip() == "":
                     pending_space += seg.value
                     continue
-                pieces.append(("text", self._tok(pending_space + seg.value), []))
-                pending_space = ""
+                # trailing spaces belong to the next piece: "of {x}" must give " France", as in running text
+                body = seg.value.rstrip()
+                pieces.append(("text", self._tok(pending_space + body), []))
+                pending_space = seg.value[len(body):]
             elif seg.kind == "virtual":
                 pieces.append(("virtual", list(range(vcount, vcount + seg.value)), []))
                 vcount += seg.value

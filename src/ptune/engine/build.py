@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ from ..api import apply, base_kind
 from ..data import Task, load_builtin, load_records
 from ..data.builtin import BUILTIN_TASKS
 from ..errors import ConfigError, DataError
-from ..heads import HeadConfig
+from ..heads import HeadConfig, collision_message, first_token_collisions
 from ..model import PtuneModel
 from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
 from ..templates import Encoded, TemplateEncoder
@@ -25,8 +26,14 @@ class Example:
     record: dict
 
 
-def load_task(cfg: TrainConfig) -> tuple[Task, dict[str, list[dict]]]:
-    """The task and its splits: a built-in, or a YAML task with data files."""
+def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = True,
+              log: Any = None) -> tuple[Task, dict[str, list[dict]]]:
+    """The task and its splits: a built-in, or a YAML task with data files.
+
+    With a ``tokenizer`` and a verbalizer head, label words whose first tokens collide are
+    refused, or dropped with their records where the task says ``label_collisions: drop``
+    (``log`` receives a line saying what was dropped).
+    """
     if cfg.task in BUILTIN_TASKS:
         task, splits = load_builtin(cfg.task, seed=cfg.seed)
     else:
@@ -36,9 +43,44 @@ def load_task(cfg: TrainConfig) -> tuple[Task, dict[str, list[dict]]]:
     for split, source in files.items():
         if source:
             splits[split] = load_records(source, split=split, task=task)
-    if "train" not in splits:
+    if need_train and "train" not in splits:
         raise ConfigError(f"task {cfg.task!r} has no training data; pass --train-file")
+    if tokenizer is not None and head_config(cfg, task).kind == "verbalizer":
+        task, splits = resolve_label_collisions(task, splits, tokenizer, causal=not model_is_encoder(cfg), log=log)
     return task, splits
+
+
+def resolve_label_collisions(task: Task, splits: dict[str, list[dict]], tokenizer: Any, *, causal: bool,
+                             log: Any = None) -> tuple[Task, dict[str, list[dict]]]:
+    """Drop (or refuse, per ``task.label_collisions``) labels a verbalizer cannot tell apart."""
+    words = [task.label_words[x] for x in task.labels] if task.label_words else list(task.labels)
+    groups = first_token_collisions(tokenizer, words, causal)
+    if not groups:
+        return task, splits
+    if task.label_collisions != "drop":
+        raise ConfigError(collision_message(groups) + "; or set label_collisions: drop in the task")
+    by_word = {w: x for x, w in zip(task.labels, words)}
+    dropped = {by_word[w] for group in groups for w in group}
+    kept = tuple(x for x in task.labels if x not in dropped)
+    if len(kept) < 2:
+        raise ConfigError(f"task {task.name}: fewer than two labels remain once colliding label words are dropped")
+    new_splits = {k: [r for r in v if r.get(task.label_field) not in dropped] for k, v in splits.items()}
+    removed = sum(len(v) for v in splits.values()) - sum(len(v) for v in new_splits.values())
+    if log:
+        log(f"{task.name}: dropped {len(dropped)} of {len(task.labels)} labels whose first tokens collide "
+            f"({', '.join(sorted(dropped)[:4])}{', ...' if len(dropped) > 4 else ''}) and their {removed} records")
+    words_kept = {x: task.label_words[x] for x in kept} if task.label_words else None
+    return dataclasses.replace(task, labels=kept, label_words=words_kept), new_splits
+
+
+def model_is_encoder(cfg: TrainConfig) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        return is_encoder(AutoConfig.from_pretrained(resolve_model_path(cfg.model),
+                                                     trust_remote_code=cfg.trust_remote_code))
+    except OSError:
+        return True  # load_base reports the real problem
 
 
 def task_template(task: Task, head_kind: str, override: str | None) -> str:
@@ -51,22 +93,15 @@ def task_template(task: Task, head_kind: str, override: str | None) -> str:
 
 
 def head_config(cfg: TrainConfig, task: Task) -> HeadConfig:
-    kind = HEAD_FOR_TASK[task.task_type] if cfg.head == "auto" else cfg.head
+    kind = (task.default_head or HEAD_FOR_TASK[task.task_type]) if cfg.head == "auto" else cfg.head
     if kind == "verbalizer" and task.task_type != "classification":
         raise ConfigError(f"head=verbalizer needs a classification task; {task.name} is {task.task_type}")
     return HeadConfig(kind, num_labels=len(task.labels), pooling=cfg.pooling)
 
 
 def build_model(cfg: TrainConfig, task: Task, tokenizer: Any) -> PtuneModel:
-    from transformers import AutoConfig
-
     head = head_config(cfg, task)
-    try:
-        encoder_model = is_encoder(AutoConfig.from_pretrained(resolve_model_path(cfg.model),
-                                                              trust_remote_code=cfg.trust_remote_code))
-    except OSError:
-        encoder_model = True  # load_base below reports the real problem
-    base = load_base(cfg.model, base_kind(head, encoder_model), quantize=cfg.quantize,
+    base = load_base(cfg.model, base_kind(head, model_is_encoder(cfg)), quantize=cfg.quantize,
                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     method_config = cfg.method_config()
     words = [task.label_words[label] for label in task.labels] if task.label_words else None

@@ -91,5 +91,6 @@ def score(task: Task, examples: list[Example], logits: dict[int, tuple]) -> dict
 
 def main_metric(task: Task) -> tuple[str, bool]:
     """(metric key, higher is better)."""
-    return {"accuracy": ("accuracy", True), "macro_f1": ("macro_f1", True), "entity_f1": ("f1", True),
+    return {"accuracy": ("accuracy", True), "macro_f1": ("macro_f1", True),
+            "precision_at_1": ("precision_at_1", True), "entity_f1": ("f1", True),
             "loss": ("loss", False)}[task.metric]

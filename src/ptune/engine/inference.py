@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,43 +11,64 @@ import torch
 
 from ..api import CONFIG_NAME, load_adapter
 from ..data import load_records
-from ..errors import PtuneError
+from ..errors import ConfigError, PtuneError
 from ..model import PtuneModel
 from ..models import load_tokenizer
-from .build import encode_records, load_task, make_encoder
+from .build import build_model, encode_records, load_task, make_encoder
 from .config import TrainConfig
 from .evaluate import decode_predictions, predict_logits, score
 
 
 class Run:
-    """A trained run directory (or a bare adapter folder) ready for inference."""
+    """A trained run directory (or a bare adapter folder) ready for inference.
+
+    ``Run.zero_shot(cfg)`` gives the same interface for the task's hand-written prompt with nothing
+    trained (method ``manual``, verbalizer head): the zero-shot baseline of every prompt method.
+    """
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if (path / "config.json").is_file() and (path / "best" / CONFIG_NAME).is_file():
-            self.config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+            config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
             adapter_dir = path / "best"
         elif (path / CONFIG_NAME).is_file() and (path.parent / "config.json").is_file():
-            self.config = TrainConfig.from_dict(json.loads((path.parent / "config.json").read_text()))
+            config = TrainConfig.from_dict(json.loads((path.parent / "config.json").read_text()))
             adapter_dir = path
         else:
             raise PtuneError(f"{path} is not a finished ptune run (no config.json with best/{CONFIG_NAME}); "
                              "pass the --output-dir of a completed `ptune train`")
         self.path = path
-        self.task, self.splits = load_task(self.config)
-        self.tokenizer = load_tokenizer(self.config.model)
-        self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer, base_name=self.config.model)
-        self.model.eval()
-        self.encoder = make_encoder(self.model, self.tokenizer, self.config.max_length or self.task.max_length)
+        self._setup(config, lambda: load_adapter(adapter_dir, tokenizer=self.tokenizer, base_name=config.model))
 
-    def evaluate(self, split: str = "test", file: str | None = None) -> dict[str, float]:
+    @classmethod
+    def zero_shot(cls, cfg: TrainConfig, log: Any = None) -> "Run":
+        """The task's template scored by the frozen LM through a verbalizer; nothing is trained."""
+        if cfg.head not in ("auto", "verbalizer"):
+            raise ConfigError(f"zero-shot evaluation scores label words with the LM (head verbalizer); "
+                              f"head={cfg.head!r} would be an untrained layer")
+        cfg = dataclasses.replace(cfg, method="manual", method_options={}, head="verbalizer")
+        run = cls.__new__(cls)
+        run.path = None
+        run._setup(cfg, lambda: build_model(cfg, run.task, run.tokenizer), need_train=False, log=log)
+        return run
+
+    def _setup(self, config: TrainConfig, make_model: Any, need_train: bool = True, log: Any = None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+        self.task, self.splits = load_task(config, self.tokenizer, need_train=need_train, log=log)
+        self.model: PtuneModel = make_model()
+        self.model.eval()
+        self.encoder = make_encoder(self.model, self.tokenizer, config.max_length or self.task.max_length)
+
+    def evaluate(self, split: str = "test", file: str | None = None, limit: int = 0) -> dict[str, float]:
+        """Metrics on a split (or a labelled file); ``limit`` > 0 scores only the first N records."""
         if file:
             records = load_records(file, task=self.task)
         elif split in self.splits:
             records = self.splits[split]
         else:
             raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
-        examples = encode_records(self.task, self.encoder, records)
+        examples = encode_records(self.task, self.encoder, records[:limit or None])
         logits = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
                                 pad_id=self.encoder.placeholder_id)
         return score(self.task, examples, logits)
@@ -90,4 +112,9 @@ class Run:
         out = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["virtual_index"],
                                   max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **generate_kwargs)
         return [tok.decode(seq, skip_special_tokens=True) for seq in out]
+
+
+def evaluate_zero_shot(cfg: TrainConfig, split: str = "test", file: str | None = None) -> dict[str, float]:
+    """Metrics of the task's hand-written prompt with nothing trained (see :meth:`Run.zero_shot`)."""
+    return Run.zero_shot(cfg).evaluate(split=split, file=file, limit=cfg.limit_eval)
 

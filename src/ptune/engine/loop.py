@@ -98,6 +98,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns the summary (also written to ``summary.json`` in the run directory)."""
     from accelerate import Accelerator
 
+    if cfg.method == "manual":
+        raise ConfigError("method manual trains nothing: evaluate the hand-written prompt with "
+                          "`ptune eval --zero-shot --model M --task T` (Python: ptune.engine.evaluate_zero_shot)")
+
     precision = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available()) else "no"
     from accelerate.state import AcceleratorState
 
@@ -108,10 +112,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     torch.manual_seed(cfg.seed)
-    task, splits = load_task(cfg)
+    tokenizer = load_run_tokenizer(cfg)
+    say = (lambda line: print(f"ptune: {line}", flush=True)) if cfg.progress and acc.is_main_process else None
+    task, splits = load_task(cfg, tokenizer, log=say)
     if "validation" not in splits:
         raise ConfigError(f"task {task.name} has no validation data; pass --validation-file")
-    tokenizer = load_run_tokenizer(cfg)
     model = build_model(cfg, task, tokenizer)
     encoder = make_encoder(model, tokenizer, cfg.max_length or task.max_length)
     train_ex = encode_records(task, encoder, splits["train"][:cfg.limit_train or None])

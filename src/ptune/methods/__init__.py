@@ -19,6 +19,7 @@ from .adalora import AdaLoraConfig, apply_adalora
 from .bitfit import BitFitConfig, apply_bitfit
 from .full import FullFinetuneConfig, apply_full
 from .lora import LoraConfig, apply_lora, merge_and_unload
+from .manual import ManualConfig, apply_manual
 from .p_tuning import PTuningConfig, apply_p_tuning
 from .prefix_tuning import PrefixTuningConfig, PTuningV2Config, apply_prefix_tuning
 from .prompt_tuning import PromptTuningConfig, apply_prompt_tuning
@@ -34,6 +35,7 @@ METHODS: dict[str, tuple[type, Callable[..., Any]]] = {
     "qlora": (QLoraConfig, apply_qlora),
     "bitfit": (BitFitConfig, apply_bitfit),
     "full": (FullFinetuneConfig, apply_full),
+    "manual": (ManualConfig, apply_manual),  # the hand-written prompt, nothing trained (zero-shot)
 }
 
 
@@ -51,4 +53,4 @@ def make_config(name: str, **values: Any) -> Any:
 
 __all__ = ["METHODS", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
            "PrefixTuningConfig", "PTuningV2Config", "LoraConfig", "QLoraConfig", "AdaLoraConfig", "BitFitConfig",
-           "FullFinetuneConfig", "merge_and_unload"]
+           "FullFinetuneConfig", "ManualConfig", "merge_and_unload"]

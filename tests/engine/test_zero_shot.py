@@ -1,0 +1,72 @@
+"""Zero-shot manual prompts: method ``manual`` trains nothing and scores label words with the frozen LM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ptune
+from ptune.cli import main
+from ptune.engine import Run, TrainConfig, evaluate_zero_shot, train
+from ptune.errors import ConfigError
+
+
+def zero_shot_cfg(tiny_gpt2_dir, toy_task, **kw):
+    return TrainConfig(model=tiny_gpt2_dir, task=toy_task["task"], test_file=toy_task["test_file"],
+                       validation_file=toy_task["validation_file"], **kw)
+
+
+def test_zero_shot_scores_equal_the_base_lm(tiny_gpt2_dir, toy_task, tokenizer):
+    run = Run.zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, template="Topic of {text}:{mask}"))
+    assert run.model.method == "manual" and run.model.trainable_parameters()[0] == 0
+    text = "the team won the match"
+    result = run.predict([text])[0]
+    # the reference: the plain causal LM's next-token logits for the label words' first tokens
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    ids = run.encoder.encode({"text": text}).input_ids
+    assert ids == tokenizer("[CLS] topic of " + text + ":", add_special_tokens=False)["input_ids"]
+    words = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("sports", "food")]
+    with torch.no_grad():
+        want = torch.softmax(base(torch.tensor([ids])).logits[0, -1, words].float(), -1)
+    got = torch.tensor([result["probabilities"]["sport"], result["probabilities"]["food"]])
+    assert torch.allclose(got, want, atol=1e-4)
+    metrics = evaluate_zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, template="Topic of {text}:{mask}"))
+    assert set(metrics) == {"accuracy", "macro_f1"} and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_zero_shot_cli(tiny_gpt2_dir, toy_task, tmp_path, capsys):
+    args = ["--zero-shot", "--model", tiny_gpt2_dir, "--task", toy_task["task"], "--test-file", toy_task["test_file"]]
+    assert main(["eval", *args, "--limit", "5"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    reference = evaluate_zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, limit_eval=5))
+    assert metrics == pytest.approx(reference)
+    assert main(["predict", *args, "bake the bread", "the striker scored", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["label"] in ("sport", "food") for x in lines)
+    # a run directory and --zero-shot together, or zero-shot options on a run: one-line errors, exit 2
+    assert main(["eval", str(tmp_path), *args]) == 2
+    assert main(["eval", str(tmp_path), "--model", "gemma"]) == 2
+    assert "only apply with --zero-shot" in capsys.readouterr().err
+
+
+def test_manual_refuses_training_virtual_tokens_and_untrained_heads(tiny_gpt2_dir, toy_task, tmp_path):
+    with pytest.raises(ConfigError, match="trains nothing.*--zero-shot"):
+        train(zero_shot_cfg(tiny_gpt2_dir, toy_task, method="manual", train_file=toy_task["train_file"],
+                            output_dir=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match="no trainable tokens"):
+        Run.zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, template="[P:2] {text}{mask}"))
+    with pytest.raises(ConfigError, match="head verbalizer"):
+        Run.zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, head="classification"))
+
+
+def test_apply_refuses_label_words_sharing_a_first_token(tokenizer):
+    from conftest import tiny_base
+
+    base = tiny_base("gpt2", "causal_lm")
+    head = ptune.HeadConfig("verbalizer")
+    with pytest.raises(ConfigError, match="'united states' / 'united kingdom'.*start differently"):
+        ptune.apply(base, ptune.ManualConfig(), head=head, tokenizer=tokenizer, template="{text}{mask}",
+                    labels=["us", "uk", "fr"], label_words=["united states", "united kingdom", "france"])
