@@ -18,7 +18,7 @@ import yaml
 
 TRAIN_HELP = {
     "model": "base model: demo name (minilm, gemma), local folder or hub id",
-    "task": "built-in task (bbc, wnut) or a task YAML file",
+    "task": "built-in task (bbc, wnut, lama-capital, lama-city-country, lama-continent) or a task YAML file",
     "method": "prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | adalora | qlora | bitfit | full",
     "template": "prompt template, e.g. '[P:3] {text} [P:2] capital [P:1] {mask}'",
     "output_dir": "run directory (config, metrics.jsonl, checkpoints, best adapter)",

@@ -70,3 +70,22 @@ def test_apply_refuses_label_words_sharing_a_first_token(tokenizer):
     with pytest.raises(ConfigError, match="'united states' / 'united kingdom'.*start differently"):
         ptune.apply(base, ptune.ManualConfig(), head=head, tokenizer=tokenizer, template="{text}{mask}",
                     labels=["us", "uk", "fr"], label_words=["united states", "united kingdom", "france"])
+
+
+def test_probing_task_from_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """A built-in probing task: verbalizer by default, colliding candidates dropped and reported."""
+    assert main(["eval", "--zero-shot", "--model", tiny_gpt2_dir, "--task", "lama-capital", "--limit", "8"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert set(metrics) == {"accuracy", "macro_f1", "precision_at_1"}
+    assert metrics["precision_at_1"] == metrics["accuracy"]
+    assert "lama-capital: dropped" in captured.err  # "san juan" / "san jose" share "san" in WordPiece
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_gpt2_dir, "--task", "lama-continent", "--method", "p_tuning",
+                 "--max-steps", "2", "--batch-size", "8", "--limit-eval", "8", "--no-progress",
+                 "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert adapter["head"]["kind"] == "verbalizer" and "Europe" in adapter["labels"]
+    assert adapter["template"] == "[P:10] {subject} is a country in{mask}"
+    assert "precision_at_1" in summary["test"] and summary["examples"]["test"] == 8

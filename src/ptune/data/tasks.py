@@ -31,6 +31,7 @@ class Task:
     labels: tuple[str, ...] = ()  # class names; for tagging the BIO tags, "O" included
     label_words: dict[str, str] | None = None  # verbalizer: label -> word
     template: str | None = None  # prompt template (see ptune.templates)
+    verbalizer_template: str | None = None  # the hand-written prompt for a verbalizer head, with {mask}
     metric: str = ""  # default by task type: accuracy / entity_f1 / loss
     max_length: int = 128
     target_field: str = "target"  # causal_lm: the text the loss falls on
@@ -68,6 +69,9 @@ class Task:
             raise ConfigError(f"task {self.name}: default_head verbalizer needs a classification task")
         if self.label_collisions not in ("error", "drop"):
             raise ConfigError(f"task {self.name}: label_collisions={self.label_collisions!r} must be error or drop")
+        if self.verbalizer_template is not None and "{mask}" not in self.verbalizer_template:
+            raise ConfigError(f"task {self.name}: verbalizer_template {self.verbalizer_template!r} needs a "
+                              "{mask} label slot")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"task {self.name}: max_length={self.max_length!r} must be a positive integer")
 

@@ -86,6 +86,8 @@ def model_is_encoder(cfg: TrainConfig) -> bool:
 def task_template(task: Task, head_kind: str, override: str | None) -> str:
     if override:
         return override
+    if head_kind == "verbalizer" and task.verbalizer_template:
+        return task.verbalizer_template
     if task.template:
         return task.template
     body = " ".join("{%s}" % f for f in task.text_fields)

@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "minilm"  # demo name (minilm, gemma), local folder or hub id
-    task: str = "bbc"  # built-in task name (bbc, wnut) or a task YAML file
+    task: str = "bbc"  # built-in task name (bbc, wnut, lama-*) or a task YAML file
     train_file: str | None = None  # data files (csv, jsonl, json, parquet, conll, datasets folder, hub name)
     validation_file: str | None = None
     test_file: str | None = None

@@ -282,7 +282,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if state["best_step"] is None:  # ended before any evaluation (max_steps inside the first epoch)
         evaluate_and_keep_best()
     state["train_seconds"] += time.perf_counter() - t0
-    test_metrics = None
+    test_metrics, test_ex = None, []
     if "test" in splits:  # the best adapter on held-out data
         load_trainable(inner, load_file(str(run_dir / "best" / WEIGHTS_NAME)), str(run_dir / "best"))
         test_ex = encode_records(task, encoder, splits["test"][:cfg.limit_eval or None])
@@ -298,7 +298,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_parameters": trainable, "total_parameters": total_params,
         "trainable_percent": 100 * trainable / total_params, "train_seconds_this_session": state["train_seconds"],
         "eval_seconds": state.get("eval_seconds", 0.0),
-        "test": test_metrics, "skipped_batches": state["skipped_batches"], "peak_rss_mb": peak_rss_mb(), "precision": precision,
+        "test": test_metrics, "skipped_batches": state["skipped_batches"], "peak_rss_mb": peak_rss_mb(),
+        "precision": precision, "examples": {"train": len(train_ex), "validation": len(val_ex), "test": len(test_ex)},
     }
     if acc.is_main_process:
         tmp = run_dir / "summary.json.tmp"
