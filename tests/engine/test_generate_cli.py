@@ -28,3 +28,26 @@ def test_causal_lm_run_then_generate(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["generate", str(out), "the capital of france is", "the capital of italy is",
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == first  # greedy: deterministic
+
+
+def test_plain_text_causal_lm_puts_the_loss_on_every_real_token(tiny_gpt2_dir, tmp_path, tokenizer):
+    from ptune.data import Task
+    from ptune.engine.build import encode_records
+    from ptune.templates import TemplateEncoder
+
+    task = Task(name="lm", task_type="causal_lm", target_field="")
+    enc = TemplateEncoder("[P:2] {text}", tokenizer, max_length=32, causal=True)
+    (ex,) = encode_records(task, enc, [{"text": "water boils at one hundred degrees"}])
+    ids, labels = ex.encoded.input_ids, ex.encoded.labels
+    assert labels[1:3] == [-100, -100]  # the virtual tokens are never targets
+    assert [t for t, v in zip(labels, ex.encoded.virtual_index) if v < 0] == [t for t, v in zip(
+        ids, ex.encoded.virtual_index) if v < 0]
+    rows = [{"text": "water boils at one hundred degrees"}, {"text": "ice melts at zero degrees"}] * 4
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text("name: lm\ntask_type: causal_lm\ntarget_field: ''\nmax_length: 32\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_gpt2_dir, "--task", str(tmp_path / "task.yaml"),
+                 "--train-file", str(tmp_path / "train.jsonl"), "--validation-file", str(tmp_path / "train.jsonl"),
+                 "--method", "prompt_tuning", "--num-virtual-tokens", "2", "--max-steps", "2", "--batch-size", "4",
+                 "--no-progress", "--output-dir", str(out)]) == 0
+    assert 0 < json.loads((out / "summary.json").read_text())["best_validation_loss"] < 20

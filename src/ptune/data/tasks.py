@@ -34,7 +34,7 @@ class Task:
     verbalizer_template: str | None = None  # the hand-written prompt for a verbalizer head, with {mask}
     metric: str = ""  # default by task type: accuracy / entity_f1 / loss
     max_length: int = 128
-    target_field: str = "target"  # causal_lm: the text the loss falls on
+    target_field: str = "target"  # causal_lm: the response the loss falls on; "" = plain text, loss on all of it
     default_head: str = ""  # the head when --head is auto: "" = by task type, or "verbalizer"
     label_collisions: str = "error"  # verbalizer labels whose first tokens collide: error | drop (with their records)
     description: str = field(default="", compare=False)
@@ -117,7 +117,7 @@ class Task:
             elif not isinstance(value, str) or not value.strip():
                 raise DataError(f"{source}: text field {f!r} is empty")
         if self.task_type == "causal_lm":
-            if not allow_unlabeled and not isinstance(rec.get(self.target_field), str):
+            if self.target_field and not allow_unlabeled and not isinstance(rec.get(self.target_field), str):
                 raise DataError(f"{source}: missing target field {self.target_field!r}")
             return
         if self.label_field not in rec or rec[self.label_field] is None:

@@ -132,8 +132,12 @@ def encode_records(task: Task, encoder: TemplateEncoder, records: list[dict], *,
                 enc.labels = [-100] * len(enc.input_ids)
             out.append(Example(enc, None, rec))
         elif task.task_type == "causal_lm":
-            out.append(Example(encoder.encode(rec, target=rec.get(task.target_field) if labelled else None),
-                               None, rec))
+            if task.target_field:  # prompt -> response: the loss falls on the response only
+                enc = encoder.encode(rec, target=rec.get(task.target_field) if labelled else None)
+            else:  # plain text: every real token after the first is a target
+                enc = encoder.encode(rec)
+                enc.labels = [t if v < 0 else -100 for t, v in zip(enc.input_ids, enc.virtual_index)]
+            out.append(Example(enc, None, rec))
         else:
             target = None
             if labelled:
