@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
     g = sub.add_parser("generate", help="continue prompts with a finished causal-LM run")
     g.add_argument("run", help="run directory")
-    g.add_argument("prompt", nargs="+", help="prompts to continue")
+    g.add_argument("prompt", nargs="+", help="prompts to continue; each fills the run's template (its first field)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     g.add_argument("--top-p", type=float, default=1.0)
