@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
 from .lora import no_virtual_tokens
+from .manual import NoAdapter
 
 
-class BaseParamsAdapter(nn.Module):
+class BaseParamsAdapter(NoAdapter):
     """Marks some of the base's own parameters trainable; identity input and attention hooks."""
 
     trains_base = True  # the base's own weights train: keep its dropout on
@@ -29,12 +29,6 @@ class BaseParamsAdapter(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-
-    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor, task_ids: Any) -> torch.Tensor:
-        return embeds
-
-    def attention_kwargs(self, batch_size: int, task_ids: Any) -> dict:
-        return {}
 
 
 @dataclass(frozen=True)
