@@ -22,6 +22,8 @@ CONFIGS = {
     "lora-fp32": dict(method="lora", dtype="fp32", quantize=None, checkpointing=False),
     "lora-bf16": dict(method="lora", dtype="bf16", quantize=None, checkpointing=False),
     "qlora-nf4": dict(method="qlora", dtype="bf16", quantize="nf4", checkpointing=False),
+    "prompt_tuning-bf16": dict(method="prompt_tuning", dtype="bf16", quantize=None, checkpointing=False),
+    "p_tuning-bf16": dict(method="p_tuning", dtype="bf16", quantize=None, checkpointing=False),
     "p_tuning_v2-bf16+ckpt": dict(method="p_tuning_v2", dtype="bf16", quantize=None, checkpointing=True),
     "p_tuning_v2-nf4+ckpt": dict(method="p_tuning_v2", dtype="bf16", quantize="nf4", checkpointing=True),
 }

@@ -29,7 +29,8 @@ RELATIONS = ("capital", "city-country", "continent")
 # bbc rows: label, method, method options, template (None: the task's hand-written prompt)
 BBC_ROWS = [
     ("prompt tuning", "prompt_tuning", {"num_virtual_tokens": 10}, None),
-    ("P-Tuning (anchors)", "p_tuning", {}, "[P:4]{text}\n[P:4]This news article is about[P:2]{mask}"),
+    # a real anchor word must stay right before {mask}: the label is read at that position
+    ("P-Tuning (anchors)", "p_tuning", {}, "[P:4]{text}\n[P:4]This news article is about{mask}"),
     ("LoRA (q, v; r 8)", "lora", {}, None),
 ]
 

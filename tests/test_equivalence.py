@@ -23,9 +23,10 @@ TEXTS = ["a warm and funny film", "dull plot and wooden acting throughout the wh
 
 
 
-@pytest.mark.parametrize("arch, head", [("bert", "classification"), ("gpt2", "verbalizer")])
+@pytest.mark.parametrize("arch, head", [("bert", "classification"), ("gpt2", "verbalizer"),
+                                        ("gemma3", "verbalizer")])  # Gemma scales its embeddings by sqrt(d)
 def test_text_initialised_prompt_equals_hard_prompt(arch, head, tokenizer):
-    causal = arch == "gpt2"
+    causal = arch != "bert"
     n = len(tokenizer(HARD, add_special_tokens=False)["input_ids"])
     suffix = " it was {mask}" if head == "verbalizer" else ""
     kind = "causal_lm" if head == "verbalizer" else "backbone"

@@ -76,8 +76,13 @@ class PromptTuningConfig:
 def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any = None,
                    init_text: str | None = None, label_words: Sequence[str] | None = None,
                    seed: int = 0) -> torch.Tensor:
-    """(n, d) starting vectors for a prompt, from the frozen input embedding table."""
-    weight = embedding.weight.detach().float()
+    """(n, d) starting vectors for a prompt, from the frozen input embedding table.
+
+    Vectors are in the space the model sees: embedding modules that scale their output (Gemma's
+    multiplies by sqrt(d), about 25 for Gemma 3 270M) scale these too, so a text-initialised prompt
+    equals the hard prompt and a random one has the real tokens' magnitude.
+    """
+    weight = embedding.weight.detach().float() * float(getattr(embedding, "embed_scale", 1.0))
     gen = torch.Generator().manual_seed(seed)
     if init == "random":
         return torch.randn(n, weight.shape[1], generator=gen) * weight.std().cpu()
