@@ -87,9 +87,15 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
 
         kwargs["quantization_config"] = bnb_config(quantize)
     try:
-        model = classes[kind].from_pretrained(path, **kwargs)
+        model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, path, e) from e
+    missing = sorted(info.get("missing_keys") or ())
+    if kind != "backbone" and missing:  # an LM head made up on the spot would score label words at random
+        raise ModelLoadError(
+            f"{name} has no trained {kind.replace('_', ' ')} head ({len(missing)} weights missing, e.g. "
+            f"{missing[0]}); a verbalizer or causal-LM head needs one: use --head classification, or a model "
+            "saved with its LM head")
     model.config._ptune_source = name
     return model
 

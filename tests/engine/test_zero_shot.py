@@ -89,3 +89,10 @@ def test_probing_task_from_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert adapter["head"]["kind"] == "verbalizer" and "Europe" in adapter["labels"]
     assert adapter["template"] == "[P:10] {subject} is a country in{mask}"
     assert "precision_at_1" in summary["test"] and summary["examples"]["test"] == 8
+
+
+def test_a_model_without_an_lm_head_is_refused_for_zero_shot(capsys):
+    """MiniLM ships no MLM head: transformers would make one up at random; ptune says so instead."""
+    assert main(["eval", "--zero-shot", "--model", "minilm", "--task", "bbc", "--limit", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "minilm has no trained masked lm head" in err[0] and "--head classification" in err[0]
