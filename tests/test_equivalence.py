@@ -69,6 +69,22 @@ def test_text_init_repeats_or_truncates_to_length(tokenizer):
         torch.testing.assert_close(model.adapter.weight[0], expected, atol=0, rtol=0)
 
 
+def test_random_and_vocab_init_match_the_scaled_table():
+    """Random init has the table's spread and vocab init copies table rows, both in the model's input
+    space (times Gemma's embed_scale); computed without a full-precision copy of the table."""
+    from ptune.methods.prompt_tuning import _std, initial_prompt
+
+    table = torch.nn.Embedding(7000, 32).to(torch.bfloat16)
+    table.embed_scale = torch.tensor(4.0)
+    exact = table.weight.float().std().item()
+    assert abs(_std(table.weight, chunk=1000) - exact) < 1e-6 * exact
+    rand = initial_prompt("random", 400, table, seed=1)
+    assert rand.dtype == torch.float32 and abs(rand.std().item() / (4 * exact) - 1) < 0.05
+    vocab = initial_prompt("vocab", 6, table, seed=1)
+    rows = (table.weight.float() * 4).unsqueeze(0) == vocab.unsqueeze(1)  # (6, 7000, 32)
+    assert rows.all(-1).any(-1).all()
+
+
 # ---------------------------------------------------------------- generation
 
 GEN_METHODS = {
@@ -146,6 +162,30 @@ def test_left_padded_batch_generates_like_single_rows(method, arch, tokenizer):
         alone = model.generate(b["input_ids"], b["attention_mask"], b["virtual_index"], max_new_tokens=NEW,
                                do_sample=False)
         assert torch.equal(together[i], alone[0])
+
+
+def test_generate_gives_the_lm_head_dense_inputs(tokenizer):
+    """generate() feeds the LM head a slice of the last position; with a frozen bf16 head, PyTorch's CPU
+    linear copies the whole transposed weight for such a strided input (320 MB, 0.8 s on Gemma, per
+    call). ptune hands the head a dense copy: every input the head computes on is densely strided."""
+    model, enc = _gen_model("prompt_tuning", "llama", tokenizer)
+    batch = collate([enc.encode({"text": p}) for p in PROMPTS], pad_id=0, left=True)
+    head = model.base.get_output_embeddings()
+    dense = []
+    # a forward hook sees the inputs after every pre-hook, i.e. what the head computes on
+    handle = head.register_forward_hook(lambda m, args, out: dense.append(
+        args[0].stride() == torch.empty(args[0].shape, device="meta").stride()))
+    try:
+        model.base.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            max_new_tokens=3, do_sample=False)
+        assert not all(dense)  # plain HF generate: the prefill slice is strided
+        dense.clear()
+        model.generate(batch["input_ids"], batch["attention_mask"], batch["virtual_index"], max_new_tokens=3,
+                       do_sample=False)
+    finally:
+        handle.remove()
+    assert len(dense) == 3 and all(dense)
+    assert not head._forward_pre_hooks  # ptune's hook lives for one generate() call only
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])

@@ -82,15 +82,20 @@ def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any
     multiplies by sqrt(d), about 25 for Gemma 3 270M) scale these too, so a text-initialised prompt
     equals the hard prompt and a random one has the real tokens' magnitude.
     """
-    weight = embedding.weight.detach().float() * float(getattr(embedding, "embed_scale", 1.0))
+    weight = embedding.weight.detach()
+    scale = float(getattr(embedding, "embed_scale", 1.0))
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:
+        # only the chosen rows leave the table: a full fp32 copy of Gemma's 262k x 640 table is 670 MB
+        return (weight[ids.to(weight.device)].float() * scale).cpu().clone()
+
     gen = torch.Generator().manual_seed(seed)
     if init == "random":
-        return torch.randn(n, weight.shape[1], generator=gen) * weight.std().cpu()
+        return torch.randn(n, weight.shape[1], generator=gen) * _std(weight) * scale
     if init == "vocab":
         # common-ish tokens: Lester et al. sample from the 5,000 most frequent; ids are a proxy
         hi = min(weight.shape[0], 5000)
-        ids = torch.randint(0, hi, (n,), generator=gen)
-        return weight[ids.to(weight.device)].cpu().clone()
+        return rows(torch.randint(0, hi, (n,), generator=gen))
     if tokenizer is None:
         raise ConfigError(f"init={init!r} needs the tokenizer; pass tokenizer= to apply()")
     if init == "text":
@@ -101,9 +106,20 @@ def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any
         ids = [i for w in label_words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise ConfigError(f"init={init!r}: the text tokenizes to nothing; give some words")
-    ids_t = torch.tensor(ids, device=weight.device)
     reps = -(-n // len(ids))  # ceil
-    return weight[ids_t.repeat(reps)[:n]].cpu().clone()
+    return rows(torch.tensor(ids).repeat(reps)[:n])
+
+
+def _std(weight: torch.Tensor, chunk: int = 16384) -> float:
+    """Standard deviation of every entry, in float64 chunks (no full-precision copy of the table)."""
+    total = sq = 0.0
+    for start in range(0, weight.shape[0], chunk):
+        part = weight[start:start + chunk].double()
+        total += part.sum().item()
+        sq += part.square().sum().item()
+    count = weight.numel()
+    mean = total / count
+    return max(sq / count - mean * mean, 0.0) ** 0.5 * (count / max(count - 1, 1)) ** 0.5
 
 
 class InputPrompts(nn.Module):
