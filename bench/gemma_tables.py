@@ -10,7 +10,7 @@ Two tables, both scored on held-out test data:
    zero-shot manual prompt, prompt tuning, P-Tuning with anchors, LoRA.
 
 Every trained row picks its best epoch on validation, then reports test. Run directories go under
-``--runs`` (default a temporary folder). About 30 minutes on 2 CPU cores with the defaults.
+``--runs`` (default a temporary folder). About 25 minutes on 2 CPU cores with the defaults (23 measured).
 
     python bench/gemma_tables.py --out bench/results_gemma_tables.md
     python bench/gemma_tables.py --tables probing   # only the probing table (about 6 minutes)

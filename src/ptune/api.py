@@ -56,10 +56,11 @@ def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, templ
     if head.kind == "verbalizer" and not head.label_word_ids:
         if tokenizer is None or not words:
             raise ConfigError("a verbalizer head needs a tokenizer and label words")
-        groups = first_token_collisions(tokenizer, words, causal)
+        ids = label_word_ids(tokenizer, words, causal)
+        groups = first_token_collisions(words, ids)
         if groups:
             raise ConfigError(collision_message(groups))
-        head = dataclasses.replace(head, label_word_ids=label_word_ids(tokenizer, words, causal))
+        head = dataclasses.replace(head, label_word_ids=ids)
     task_template = Template.parse(template or default_template(head))
     resolved = config.template_for(task_template)
     if head.kind == "verbalizer" and not resolved.has_mask:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +131,11 @@ def label_word_ids(tokenizer: Any, words: list[str], causal: bool) -> tuple[int,
     return tuple(ids)
 
 
-def first_token_collisions(tokenizer: Any, words: list[str], causal: bool) -> list[list[str]]:
-    """Groups of label words sharing a first token (a verbalizer scores first tokens only)."""
+def first_token_collisions(words: list[str], ids: Sequence[int]) -> list[list[str]]:
+    """Groups of label words sharing a first token (``ids``: from :func:`label_word_ids`); a verbalizer
+    scores first tokens only, so it cannot tell a group's words apart."""
     groups: dict[int, list[str]] = {}
-    for w, i in zip(words, label_word_ids(tokenizer, words, causal)):
+    for w, i in zip(words, ids):
         groups.setdefault(i, []).append(w)
     return [g for g in groups.values() if len(g) > 1]
 

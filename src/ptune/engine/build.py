@@ -10,7 +10,7 @@ from ..api import apply, base_kind
 from ..data import Task, load_builtin, load_records
 from ..data.builtin import BUILTIN_TASKS
 from ..errors import ConfigError, DataError
-from ..heads import HeadConfig, collision_message, first_token_collisions
+from ..heads import HeadConfig, collision_message, first_token_collisions, label_word_ids
 from ..model import PtuneModel
 from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
 from ..templates import Encoded, TemplateEncoder
@@ -54,7 +54,7 @@ def resolve_label_collisions(task: Task, splits: dict[str, list[dict]], tokenize
                              log: Any = None) -> tuple[Task, dict[str, list[dict]]]:
     """Drop (or refuse, per ``task.label_collisions``) labels a verbalizer cannot tell apart."""
     words = [task.label_words[x] for x in task.labels] if task.label_words else list(task.labels)
-    groups = first_token_collisions(tokenizer, words, causal)
+    groups = first_token_collisions(words, label_word_ids(tokenizer, words, causal))
     if not groups:
         return task, splits
     if task.label_collisions != "drop":
