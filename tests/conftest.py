@@ -19,6 +19,13 @@ ARCHS = ("bert", "roberta", "gpt2", "llama", "gemma3")
 DECODERS = ("gpt2", "llama", "gemma3")
 
 
+@pytest.fixture(autouse=True)
+def _own_working_dir(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder: defaults such as ``runs/default`` never meet (or write
+    into) the checkout, where a user may just have run ``ptune train``."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs ~3x."""
