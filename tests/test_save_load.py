@@ -78,7 +78,7 @@ def test_folder_holds_safetensors_and_json_only(tokenizer, tmp_path):
     path = ptune.save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in Path(path).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((path / "adapter_config.json").read_text())
-    assert cfg["format_version"] == 1 and cfg["method"] == "p_tuning"
+    assert cfg["format_version"] == 2 and cfg["method"] == "p_tuning"
     assert cfg["method_config"]["encoder"] == "lstm" and cfg["template"] == "[P:2] {text} [P:1] end"
     assert cfg["base_model"]["model_type"] == "bert" and cfg["base_model"]["weights_sha256"]
     raw = (path / "adapter_model.safetensors").read_bytes()

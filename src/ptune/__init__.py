@@ -2,13 +2,22 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, export_peft, load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from .api import (apply, export_peft, from_spec, load_adapter, read_adapter_config, read_spec,  # noqa: E402
+                  save_adapter)
 from .errors import (AdapterMismatchError, ConfigError, DataError, ModelLoadError, PtuneError,  # noqa: E402
                      TemplateError, UnsupportedModelError)
-from .heads import HeadConfig  # noqa: E402
+from .heads import HEAD_KINDS, HeadConfig  # noqa: E402
 from .methods import (AdaLoraConfig, BitFitConfig, FullFinetuneConfig, LoraConfig, ManualConfig,  # noqa: E402
                       PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config, QLoraConfig, make_config,
                       merge_and_unload)
 from .model import PtuneModel  # noqa: E402
 from .models import load_base, load_tokenizer  # noqa: E402
+from .spec import BaseSpec, RunSpec  # noqa: E402
 from .templates import Template, TemplateEncoder  # noqa: E402
+
+__all__ = ["apply", "export_peft", "from_spec", "load_adapter", "read_adapter_config", "read_spec", "save_adapter",
+           "AdapterMismatchError", "ConfigError", "DataError", "ModelLoadError", "PtuneError", "TemplateError",
+           "UnsupportedModelError", "HEAD_KINDS", "HeadConfig", "AdaLoraConfig", "BitFitConfig", "FullFinetuneConfig",
+           "LoraConfig", "ManualConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config",
+           "QLoraConfig", "make_config", "merge_and_unload", "PtuneModel", "load_base", "load_tokenizer", "BaseSpec",
+           "RunSpec", "Template", "TemplateEncoder", "__version__"]

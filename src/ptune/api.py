@@ -6,7 +6,7 @@
                         head=ptune.HeadConfig("classification", num_labels=5), tokenizer=tok)
     print(model.describe())          # trainable parameters and their share
     ptune.save_adapter(model, "out/adapter")
-    model = ptune.load_adapter("out/adapter")  # loads the base named in the adapter, checks it
+    model = ptune.load_adapter("out/adapter")  # loads the base its spec names, as it was loaded; checks it
 
 Adapters are a JSON config plus a safetensors file of the trainable tensors (adapter, head). The
 base model's fingerprint is stored and checked on load. Nothing is ever unpickled.
@@ -14,7 +14,6 @@ base model's fingerprint is stored and checked on load. Nothing is ever unpickle
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -26,62 +25,57 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, PtuneError
-from .heads import Head, HeadConfig, collision_message, first_token_collisions, label_word_ids
-from .methods import make_config, method_entry
+from .heads import HeadConfig, head_kind
+from .methods import method_entry
+from .methods.base import PeftExportable, ReloadHook
 from .model import PtuneModel
-from .models import arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
+from .models import LOAD_OPTIONS, arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
+from .spec import FORMAT_VERSION, BaseSpec, RunSpec
 from .templates import Template
 
-FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def default_template(head: HeadConfig) -> str:
-    return "{text} {mask}" if head.kind == "verbalizer" else "{text}"
-
-
 def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, template: str | None = None,
-          tokenizer: Any = None, labels: Sequence[str] = (), label_words: Sequence[str] | None = None
-          ) -> PtuneModel:
+          tokenizer: Any = None, labels: Sequence[str] = (), label_words: Sequence[str] | None = None,
+          task: Any = None, max_length: int | None = None) -> PtuneModel:
     """Freeze ``base``, attach the method in ``config`` and a head; returns the trainable model.
 
-    ``template``: the task template (``{text}`` by default); prompt methods add their virtual tokens
-    to it (prompt tuning prepends ``[P:n]``; P-Tuning may bring its own). ``label_words``: the words
-    a verbalizer scores, in label order (default: the labels themselves).
+    ``template``: the task template (the head's default: ``{text}``, or ``{text} {mask}`` for a
+    verbalizer); prompt methods add their virtual tokens to it (prompt tuning prepends ``[P:n]``;
+    P-Tuning may bring its own). ``label_words``: the words a verbalizer scores, in label order
+    (default: the labels themselves). ``task`` / ``max_length`` are recorded in the model's spec
+    (the engine passes them, so a saved run can be used without its task file).
     """
     head = head or HeadConfig("classification", num_labels=len(labels) or 2)
+    kind = head_kind(head.kind)
     words = list(label_words) if label_words else list(labels)
-    causal = not arch_facts(base).is_encoder
-    if head.kind == "verbalizer" and not head.label_word_ids:
-        if tokenizer is None or not words:
-            raise ConfigError("a verbalizer head needs a tokenizer and label words")
-        ids = label_word_ids(tokenizer, words, causal)
-        groups = first_token_collisions(words, ids)
-        if groups:
-            raise ConfigError(collision_message(groups))
-        head = dataclasses.replace(head, label_word_ids=ids)
-    task_template = Template.parse(template or default_template(head))
+    facts = arch_facts(base)
+    loaded = LOAD_OPTIONS.get(base, {})
+    fp = fingerprint(base)  # before the method wraps any layer
+    base_spec = BaseSpec(name=fp.get("name", ""), kind=loaded.get("kind") or kind.base_kind(facts.is_encoder),
+                         is_encoder=facts.is_encoder, quantize=loaded.get("quantize"),
+                         trust_remote_code=bool(loaded.get("trust_remote_code")),
+                         allow_pickle=bool(loaded.get("allow_pickle")), fingerprint=fp)
+    task_template = Template.parse(template or kind.default_template())
     resolved = config.template_for(task_template)
-    if head.kind == "verbalizer" and not resolved.has_mask:
-        raise ConfigError(f"a verbalizer head needs a {{mask}} label slot in the template {resolved.source!r}")
+    head = kind.resolve(head, resolved, tokenizer=tokenizer, label_words=words, causal=not facts.is_encoder)
     for p in base.parameters():
         p.requires_grad_(False)
-    fp = fingerprint(base)  # before the method wraps any layer
     _, apply_fn = method_entry(config.method)
     adapter = apply_fn(base, config, template=resolved, tokenizer=tokenizer, label_words=words or None)
-    facts = arch_facts(base)
-    module = Head(head, base, facts.hidden_size, facts.is_encoder)
-    model = PtuneModel(base, adapter, module, method_config=config, head_config=head, template=resolved,
-                       fingerprint=fp, labels=tuple(labels), label_words=tuple(words))
-    model.base_dropout = bool(getattr(adapter, "trains_base", False))
-    return model
+    module = kind.build(head, base, facts.hidden_size, facts.is_encoder)
+    spec = RunSpec(base=base_spec, method_config=config, head=head, template=resolved, labels=tuple(labels),
+                   label_words=tuple(words), task=task, max_length=max_length)
+    return PtuneModel(base, adapter, module, spec)
 
 
-def base_kind(head: HeadConfig, is_encoder: bool) -> str:
-    if not head.needs_lm:
-        return "backbone"
-    return "masked_lm" if is_encoder and head.kind == "verbalizer" else "causal_lm"
+def from_spec(spec: RunSpec, base: nn.Module, tokenizer: Any = None) -> PtuneModel:
+    """A fresh model (untrained adapter) built from a resolved spec on ``base``."""
+    return apply(base, spec.method_config, head=spec.head, template=spec.template.source, tokenizer=tokenizer,
+                 labels=spec.labels, label_words=spec.label_words or None, task=spec.task,
+                 max_length=spec.max_length)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -93,17 +87,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def adapter_config(model: PtuneModel) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "ptune_version": __version__,
-        "method": model.method,
-        "method_config": dataclasses.asdict(model.method_config),
-        "head": dataclasses.asdict(model.head_config),
-        "template": model.template.source,
-        "labels": list(model.labels),
-        "label_words": list(model.label_words),
-        "base_model": model.fingerprint,
-    }
+    return {**model.spec.to_dict(), "ptune_version": __version__}
 
 
 def save_adapter(model: PtuneModel, path: str | Path) -> Path:
@@ -142,22 +126,41 @@ def check_fingerprint(saved: dict, base: nn.Module) -> None:
             f"(differs in {', '.join(diff)}); load it onto the model it was trained on")
 
 
+def read_spec(path: str | Path) -> RunSpec:
+    """The resolved spec saved with an adapter (format 1 or 2)."""
+    return RunSpec.from_dict(read_adapter_config(path), str(path))
+
+
+def load_base_for(spec: RunSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                  base_name: str | None = None) -> nn.Module:
+    """Load the base a spec names, the way it was loaded for training (quantization included).
+
+    Remote code and pickle files stay the caller's decision: a spec that needed them is refused
+    unless the caller passes the same consent, so a saved file never switches them on by itself.
+    """
+    b = spec.base
+    for option, given in (("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle)):
+        if getattr(b, option) and not given:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"this adapter's base {b.name!r} was loaded with {option} (it runs or unpickles "
+                              f"code from the model folder); pass {flag} (Python: {option}=True) to load it again")
+    return load_base(base_name or b.name, b.kind, quantize=b.quantize, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
+
+
 def load_adapter(path: str | Path, base: nn.Module | None = None, *, tokenizer: Any = None,
-                 base_name: str | None = None) -> PtuneModel:
-    """Rebuild a saved adapter on ``base`` (default: the base named in the adapter) and check it fits."""
-    cfg = read_adapter_config(path)
-    saved_fp = cfg["base_model"]
-    head = HeadConfig(**{**cfg["head"], "label_word_ids": tuple(cfg["head"]["label_word_ids"])})
-    name = base_name or saved_fp.get("name")
+                 base_name: str | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> PtuneModel:
+    """Rebuild a saved adapter on ``base`` (default: the base its spec names, loaded as it was for
+    training, e.g. 4-bit) and check that the base is the one it was trained on."""
+    spec = read_spec(path)
+    name = base_name or spec.base.name
     if base is None:
-        base = load_base(name, base_kind(head, saved_fp.get("is_encoder", True)))
-    check_fingerprint(saved_fp, base)
+        base = load_base_for(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, base_name=name)
+    check_fingerprint(spec.base.fingerprint, base)
     if tokenizer is None and name:
-        tokenizer = load_tokenizer(name)
-    config = make_config(cfg["method"], **cfg["method_config"])
-    model = apply(base, config, head=head, template=cfg["template"], tokenizer=tokenizer,
-                  labels=cfg.get("labels", ()), label_words=cfg.get("label_words") or None)
-    model.template = Template.parse(cfg["template"])
+        tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    model = from_spec(spec, base, tokenizer)
     load_trainable(model, load_file(str(Path(path) / WEIGHTS_NAME)), str(path))
     return model
 
@@ -176,9 +179,8 @@ def load_trainable(model: PtuneModel, tensors: dict[str, torch.Tensor], source: 
                 raise AdapterMismatchError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects "
                                            f"{tuple(params[k].shape)}; the adapter was made with other settings")
             params[k].copy_(v)
-    after_load = getattr(model.adapter, "after_load", None)  # adapters with state derived from tensors
-    if after_load is not None:
-        after_load()
+    if isinstance(model.adapter, ReloadHook):  # state derived from the tensors (AdaLoRA's rank pattern)
+        model.adapter.after_load()
 
 
 def export_peft(model: PtuneModel, path: str | Path) -> Path:
@@ -189,13 +191,11 @@ def export_peft(model: PtuneModel, path: str | Path) -> Path:
     as a KV cache, so its real tokens sit at positions P..P+T-1 where ptune keeps 0..T-1; the
     exported prefixes are the same tensors, but PEFT's outputs differ from ptune's by that shift.
     """
-    export = getattr(model.adapter, "peft_export", None)
-    if export is None:
+    if not isinstance(model.adapter, PeftExportable):
         raise ConfigError(f"{model.method} has no HF PEFT equivalent to export to")
     facts = arch_facts(model.base)
-    extra, tensors = export(facts)
-    task_type = {"causal_lm": "CAUSAL_LM", "verbalizer": "CAUSAL_LM" if not facts.is_encoder else None,
-                 "classification": "SEQ_CLS", "tagging": "TOKEN_CLS"}[model.head_config.kind]
+    extra, tensors = model.adapter.peft_export(facts)
+    task_type = head_kind(model.head_config.kind).peft_task_type(facts.is_encoder)
     cfg = {"base_model_name_or_path": model.fingerprint.get("name"), "task_type": task_type,
            "inference_mode": True, "revision": None, **extra}
     if extra["peft_type"] in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):  # they describe the model they prompt
@@ -211,4 +211,5 @@ def export_peft(model: PtuneModel, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["apply", "save_adapter", "load_adapter", "export_peft", "read_adapter_config", "backbone_of"]
+__all__ = ["apply", "from_spec", "save_adapter", "load_adapter", "read_spec", "load_base_for", "export_peft",
+           "read_adapter_config", "backbone_of"]

@@ -1,4 +1,5 @@
-"""Task metrics: accuracy and macro-F1 for classification, entity-level P/R/F1 (seqeval) for tagging."""
+"""Metric functions: accuracy, macro-F1, entity-level P/R/F1 (seqeval). Which head reports which is the head's
+business (``ptune.heads``: each head kind lists its metrics as ``MetricSpec``s)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,3 @@ def entity_scores(preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]])
     return {"precision": float(precision_score(r, p, zero_division=0)),
             "recall": float(recall_score(r, p, zero_division=0)),
             "f1": float(f1_score(r, p, zero_division=0))}
-
-
-def compute_metrics(task: Any, preds: Sequence[Any], refs: Sequence[Any]) -> dict[str, float]:
-    if task.task_type == "tagging":
-        flat_p = [t for seq in preds for t in seq]
-        flat_r = [t for seq in refs for t in seq]
-        return {**entity_scores(preds, refs), "accuracy": accuracy(flat_p, flat_r)}
-    out = {"accuracy": accuracy(preds, refs), "macro_f1": macro_f1(preds, refs, task.labels)}
-    if task.metric == "precision_at_1":  # probing: accuracy of the top candidate, under LAMA's name
-        out["precision_at_1"] = out["accuracy"]
-    return out

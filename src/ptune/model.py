@@ -8,14 +8,17 @@ Methods that change weights (LoRA, BitFit) do so inside the base and make both h
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .heads import Head, HeadConfig
+from .heads import HeadConfig
+from .methods.base import Adapter
 from .models import backbone_of
+from .spec import RunSpec
 from .templates import Template
 
 
@@ -26,35 +29,84 @@ class Output:
 
 
 class PtuneModel(nn.Module):
-    def __init__(self, base: nn.Module, adapter: nn.Module, head: Head, *, method_config: Any,
-                 head_config: HeadConfig, template: Template, fingerprint: dict,
-                 labels: tuple[str, ...] = (), label_words: tuple[str, ...] = ()) -> None:
+    """``base`` (frozen), ``adapter`` (the method's trainable part), ``head`` (a head kind's module) and
+    ``spec``, the resolved facts it was built from (saved with the adapter, see :mod:`ptune.spec`)."""
+
+    def __init__(self, base: nn.Module, adapter: Adapter, head: nn.Module, spec: RunSpec) -> None:
         super().__init__()
         self.base = base
         self.adapter = adapter
         self.head = head
-        self.method_config = method_config
-        self.head_config = head_config
-        self.template = template
-        self.fingerprint = fingerprint
-        self.labels = tuple(labels)
-        self.base_dropout = False  # see train()
-        self.label_words = tuple(label_words)
+        self.spec = spec
+        self.base_dropout = adapter.trains_base  # see train()
+        self._adapter_enabled = True
 
+    # the spec's facts under the names the rest of the code reads
     @property
     def method(self) -> str:
-        return self.method_config.method
+        return self.spec.method
+
+    @property
+    def method_config(self) -> Any:
+        return self.spec.method_config
+
+    @property
+    def head_config(self) -> HeadConfig:
+        return self.spec.head
+
+    @property
+    def template(self) -> Template:
+        return self.spec.template
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.spec.base.fingerprint
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.spec.labels
+
+    @property
+    def label_words(self) -> tuple[str, ...]:
+        return self.spec.label_words
 
     @property
     def backbone(self) -> nn.Module:
         return backbone_of(self.base)
 
+    @contextmanager
+    def disable_adapter(self) -> Iterator["PtuneModel"]:
+        """Inside the block the model computes exactly what the frozen base does (the head still
+        scores its hidden states): no prompts, no prefixes, no low-rank updates, original biases."""
+        self.adapter.set_enabled(False)
+        self._adapter_enabled = False
+        try:
+            yield self
+        finally:
+            self._adapter_enabled = True
+            self.adapter.set_enabled(True)
+
     def embed(self, input_ids: torch.Tensor, virtual_index: torch.Tensor | None,
               task_ids: torch.Tensor | None) -> torch.Tensor:
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, d)
-        if virtual_index is not None and bool((virtual_index >= 0).any()):
+        if self._adapter_enabled and virtual_index is not None and bool((virtual_index >= 0).any()):
             embeds = self.adapter.inject(embeds, virtual_index, task_ids)
         return embeds
+
+    def _attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict[str, Any]:
+        return self.adapter.attention_kwargs(batch_size, task_ids) if self._adapter_enabled else {}
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer body's last hidden states (B, T, d) with the adapter in place."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, virtual_index, task_ids)
+        extra = self._attention_kwargs(input_ids.shape[0], task_ids)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False, **extra)
+        return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
@@ -62,12 +114,8 @@ class PtuneModel(nn.Module):
                 position_ids: torch.Tensor | None = None, **_: Any) -> Output:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed(input_ids, virtual_index, task_ids)
-        extra = self.adapter.attention_kwargs(input_ids.shape[0], task_ids)
-        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, **extra)
-        batch = {"attention_mask": attention_mask, "label_position": label_position}
-        logits = self.head(out.last_hidden_state, batch)
+        hidden = self.hidden_states(input_ids, attention_mask, virtual_index, task_ids, position_ids)
+        logits = self.head(hidden, {"attention_mask": attention_mask, "label_position": label_position})
         loss = self.head.loss(logits, labels) if labels is not None else None
         return Output(logits, loss)
 
@@ -82,7 +130,7 @@ class PtuneModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed(input_ids, virtual_index, task_ids)
-        extra = self.adapter.attention_kwargs(input_ids.shape[0], task_ids)
+        extra = self._attention_kwargs(input_ids.shape[0], task_ids)
         handles = []
         out_embeddings = self.base.get_output_embeddings()
         if out_embeddings is not None:

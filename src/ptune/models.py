@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def _gemma_path() -> str:
 
     return gemma_path()
 
+
+LOAD_OPTIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # see load_base
 
 DEMO_MODELS = {"minilm": _minilm_path, "gemma": _gemma_path}
 
@@ -97,6 +100,10 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
             f"{missing[0]}); a verbalizer or causal-LM head needs one: use --head classification, or a model "
             "saved with its LM head")
     model.config._ptune_source = name
+    # how it was loaded, so that a model built on it records the same and reloads it the same way (kept
+    # beside the model, not in its config, so save_pretrained never writes it out)
+    LOAD_OPTIONS[model] = {"kind": kind, "quantize": quantize, "trust_remote_code": trust_remote_code,
+                           "allow_pickle": allow_pickle}
     return model
 
 

@@ -99,8 +99,16 @@ def test_task_yaml_roundtrip_and_errors(tmp_path):
         Task(name="x", labels=("a", "b"), label_words={"a": "apple"})
     with pytest.raises(ConfigError, match="duplicate labels"):
         Task(name="x", labels=("a", "a"))
-    with pytest.raises(ConfigError, match="task_type"):
-        Task(name="x", task_type="regression", labels=("a", "b"))
+    with pytest.raises(ConfigError, match="head='regression' is not one of"):
+        Task(name="x", head="regression", labels=("a", "b"))
+    with pytest.raises(ConfigError, match="task_type='regression' is not one of"):  # the old key, in a file
+        Task.from_dict({"name": "x", "task_type": "regression", "labels": ["a", "b"]})
+    # old task files still load: task_type (and default_head) become head
+    assert Task.from_dict({"name": "x", "task_type": "tagging", "labels": ["O", "B-x"]}).head == "tagging"
+    assert Task.from_dict({"name": "x", "task_type": "classification", "default_head": "verbalizer",
+                           "labels": ["a", "b"]}).head == "verbalizer"
+    with pytest.raises(ConfigError, match="does not fit a tagging head"):
+        Task(name="x", head="tagging", labels=("O", "B-x"), metric="macro_f1")
     p.write_text("!!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):  # configs are data: nothing is evaluated
         Task.from_yaml(p)

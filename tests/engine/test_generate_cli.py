@@ -35,7 +35,7 @@ def test_plain_text_causal_lm_puts_the_loss_on_every_real_token(tiny_gpt2_dir, t
     from ptune.engine.build import encode_records
     from ptune.templates import TemplateEncoder
 
-    task = Task(name="lm", task_type="causal_lm", target_field="")
+    task = Task(name="lm", head="causal_lm", target_field="")
     enc = TemplateEncoder("[P:2] {text}", tokenizer, max_length=32, causal=True)
     (ex,) = encode_records(task, enc, [{"text": "water boils at one hundred degrees"}])
     ids, labels = ex.encoded.input_ids, ex.encoded.labels

@@ -64,7 +64,7 @@ def load_bbc(seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:
             splits[name].extend(part)
     for name, part in splits.items():  # mix the classes, deterministically
         random.Random(f"{seed}-{name}").shuffle(part)
-    task = Task(name="bbc", task_type="classification", labels=tuple(labels), label_words=BBC_LABEL_WORDS,
+    task = Task(name="bbc", head="classification", labels=tuple(labels), label_words=BBC_LABEL_WORDS,
                 verbalizer_template=BBC_PROMPT, metric="accuracy", max_length=128,
                 description="BBC News topic classification (5 classes)")
     return task, splits
@@ -75,8 +75,8 @@ def load_wnut(seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:
     records = [rec for _, rec in _tagging(path)]
     tags = sorted({t for r in records for t in r["tags"]} - {"O"})
     train, val, test = _cut(records, seed, "wnut")
-    task = Task(name="wnut", task_type="tagging", text_fields=("tokens",), label_field="tags",
-                labels=("O", *tags), metric="entity_f1", max_length=128,
+    task = Task(name="wnut", head="tagging", text_fields=("tokens",), label_field="tags",
+                labels=("O", *tags), metric="f1", max_length=128,
                 description="WNUT-16 Twitter named entities (BIO)")
     return task, {"train": train, "validation": val, "test": test}
 

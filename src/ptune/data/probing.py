@@ -97,9 +97,8 @@ def load_probing(relation: str, seed: int = 13) -> tuple[Task, dict[str, list[di
     splits = {name: [{"subject": s, "object": o} for s, o in part] for name, part in cut.items()}
     objects = sorted({o for _, o in facts})
     _, template, description = RELATIONS[relation]
-    task = Task(name=f"lama-{relation}", task_type="classification", text_fields=("subject",),
+    task = Task(name=f"lama-{relation}", head="verbalizer", text_fields=("subject",),
                 label_field="object", labels=tuple(objects), label_words={o: o for o in objects},
                 template=template, metric="precision_at_1", max_length=32, label_collisions="drop",
-                default_head="verbalizer",
                 description=f"knowledge probing, {description} (GeoNames facts)")
     return task, splits

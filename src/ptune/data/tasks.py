@@ -1,6 +1,7 @@
 """Tasks: what a dataset means to ptune (fields, labels, label words, template, metric, length).
 
-Tasks are data, loaded from YAML (``yaml.safe_load``: nothing is evaluated) or built in code, in
+A task names the head kind that answers it (``head``); what a record must hold, how its label is
+encoded and scored is that head's business (``ptune.heads``). Tasks are data, loaded from YAML (``yaml.safe_load``: nothing is evaluated) or built in code, in
 the spirit of lm-evaluation-harness. A Task validates itself when built and validates each record
 it is given, so a bad file fails at load time naming the file, the line and the problem.
 """
@@ -16,44 +17,43 @@ import yaml
 
 from ..errors import ConfigError, DataError
 from ..fields import from_values
+from ..heads import HEAD_KINDS, HeadKind, head_kind
 
-TASK_TYPES = ("classification", "tagging", "causal_lm")
-METRICS = {"classification": ("accuracy", "macro_f1", "precision_at_1"), "tagging": ("entity_f1",),
-           "causal_lm": ("loss",)}
+LEGACY_TASK_TYPES = {"classification": "classification", "tagging": "tagging", "causal_lm": "causal_lm"}
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    task_type: str = "classification"  # classification | tagging | causal_lm
+    head: str = "classification"  # the head kind that answers it: classification | tagging | verbalizer | causal_lm
     text_fields: tuple[str, ...] = ("text",)
     label_field: str = "label"
     labels: tuple[str, ...] = ()  # class names; for tagging the BIO tags, "O" included
     label_words: dict[str, str] | None = None  # verbalizer: label -> word
     template: str | None = None  # prompt template (see ptune.templates)
     verbalizer_template: str | None = None  # the hand-written prompt for a verbalizer head, with {mask}
-    metric: str = ""  # default by task type: accuracy / entity_f1 / loss
+    metric: str = ""  # the main metric; default: the head's first (accuracy / f1 / loss)
     max_length: int = 128
     target_field: str = "target"  # causal_lm: the response the loss falls on; "" = plain text, loss on all of it
-    default_head: str = ""  # the head when --head is auto: "" = by task type, or "verbalizer"
     label_collisions: str = "error"  # verbalizer labels whose first tokens collide: error | drop (with their records)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("task name must be a non-empty string")
-        if self.task_type not in TASK_TYPES:
-            raise ConfigError(f"task {self.name}: task_type={self.task_type!r} is not one of {TASK_TYPES}")
+        if self.head not in HEAD_KINDS:
+            raise ConfigError(f"task {self.name}: head={self.head!r} is not one of {tuple(HEAD_KINDS)}")
+        kind = self.kind
         object.__setattr__(self, "text_fields", tuple(self.text_fields))
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         if not self.text_fields:
             raise ConfigError(f"task {self.name}: text_fields is empty; name at least one input field")
-        if not self.metric:
-            object.__setattr__(self, "metric", METRICS[self.task_type][0])
-        if self.metric not in METRICS[self.task_type]:
-            raise ConfigError(f"task {self.name}: metric={self.metric!r} does not fit a {self.task_type} task; "
-                              f"use one of {METRICS[self.task_type]}")
-        if self.task_type != "causal_lm":
+        try:
+            metric = kind.metric(self.metric) if self.metric else kind.metrics[0]
+        except ConfigError as e:
+            raise ConfigError(f"task {self.name}: {e}") from None
+        object.__setattr__(self, "metric", metric.name)
+        if kind.label_form != "text":
             if len(self.labels) < 2:
                 raise ConfigError(f"task {self.name}: give at least two labels (got {list(self.labels)})")
             dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
@@ -63,10 +63,6 @@ class Task:
             missing = [x for x in self.labels if x not in self.label_words]
             if missing:
                 raise ConfigError(f"task {self.name}: label_words has no word for {missing}; give one per label")
-        if self.default_head not in ("", "verbalizer"):
-            raise ConfigError(f"task {self.name}: default_head={self.default_head!r} must be empty or verbalizer")
-        if self.default_head == "verbalizer" and self.task_type != "classification":
-            raise ConfigError(f"task {self.name}: default_head verbalizer needs a classification task")
         if self.label_collisions not in ("error", "drop"):
             raise ConfigError(f"task {self.name}: label_collisions={self.label_collisions!r} must be error or drop")
         if self.verbalizer_template is not None and "{mask}" not in self.verbalizer_template:
@@ -74,6 +70,15 @@ class Task:
                               "{mask} label slot")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"task {self.name}: max_length={self.max_length!r} must be a positive integer")
+
+    @property
+    def kind(self) -> HeadKind:
+        """The task's own head kind (``--head`` may put another head of the same label form on it)."""
+        return head_kind(self.head)
+
+    def words(self) -> list[str]:
+        """The word a verbalizer scores for each label, in label order (default: the label itself)."""
+        return [self.label_words[x] for x in self.labels] if self.label_words else list(self.labels)
 
     @property
     def label_to_id(self) -> dict[str, int]:
@@ -88,6 +93,15 @@ class Task:
     def from_dict(cls, values: dict[str, Any], source: str = "task") -> "Task":
         if "name" not in values:
             raise ConfigError(f"{source}: a task needs a name")
+        values = dict(values)
+        legacy_type, legacy_head = values.pop("task_type", None), values.pop("default_head", None)
+        if legacy_type is not None or legacy_head is not None:  # task files written before head kinds
+            if "head" in values:
+                raise ConfigError(f"{source}: give head only (task_type / default_head are its old spelling)")
+            if legacy_type is not None and legacy_type not in LEGACY_TASK_TYPES:
+                raise ConfigError(f"{source}: task_type={legacy_type!r} is not one of {tuple(LEGACY_TASK_TYPES)}; "
+                                  f"write head: one of {tuple(HEAD_KINDS)}")
+            values["head"] = legacy_head or LEGACY_TASK_TYPES[legacy_type or "classification"]
         return from_values(cls, values, source)
 
     @classmethod
@@ -107,33 +121,4 @@ class Task:
         """Raise DataError naming ``source`` when ``rec`` cannot be used by this task."""
         if not isinstance(rec, dict):
             raise DataError(f"{source}: expected a record with fields, got {type(rec).__name__}")
-        for f in self.text_fields:
-            value = rec.get(f)
-            if self.task_type == "tagging":
-                if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
-                    raise DataError(f"{source}: field {f!r} must be a non-empty list of tokens")
-            elif value is None:
-                raise DataError(f"{source}: missing text field {f!r} (fields present: {sorted(rec)})")
-            elif not isinstance(value, str) or not value.strip():
-                raise DataError(f"{source}: text field {f!r} is empty")
-        if self.task_type == "causal_lm":
-            if self.target_field and not allow_unlabeled and not isinstance(rec.get(self.target_field), str):
-                raise DataError(f"{source}: missing target field {self.target_field!r}")
-            return
-        if self.label_field not in rec or rec[self.label_field] is None:
-            if allow_unlabeled:
-                return
-            raise DataError(f"{source}: missing label field {self.label_field!r} (fields present: {sorted(rec)})")
-        label = rec[self.label_field]
-        known = self.label_to_id
-        if self.task_type == "tagging":
-            tags = label
-            if not isinstance(tags, list) or len(tags) != len(rec[self.text_fields[0]]):
-                raise DataError(f"{source}: {self.label_field!r} must list one tag per token")
-            bad = sorted({str(t) for t in tags if t not in known})
-            if bad:
-                raise DataError(f"{source}: unknown tag(s) {bad}; the task's tags are {list(self.labels)}")
-        elif str(label) not in known:
-            raise DataError(f"{source}: unknown label {label!r}; the task's labels are {list(self.labels)}")
-        else:
-            rec[self.label_field] = str(label)
+        self.kind.validate_record(self, rec, source, allow_unlabeled)

@@ -16,6 +16,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..fields import from_values
+from ..heads import HEAD_KINDS
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -30,7 +31,7 @@ class TrainConfig:
     test_file: str | None = None
     method: str = "p_tuning_v2"  # prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | ...
     method_options: dict = field(default_factory=dict)  # options of the method's config
-    head: str = "auto"  # auto (classification / tagging / causal_lm from the task) | verbalizer
+    head: str = "auto"  # auto: the task's own head; or one of the same label form (e.g. verbalizer for classification)
     pooling: str = "auto"  # classification pooling: auto | cls | pooler | mean | last
     template: str | None = None  # task template override, e.g. "{text} It is about {mask}."
     max_length: int | None = None  # default: the task's
@@ -89,8 +90,8 @@ class TrainConfig:
             (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "nf4, int8 or unset"),
             (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "stop or skip"),
             (self.max_length is None or self.max_length > 0, "max_length", self.max_length, "a positive integer"),
-            (self.head in ("auto", "classification", "verbalizer", "tagging", "causal_lm"), "head", self.head,
-             "auto, classification, verbalizer, tagging or causal_lm"),
+            (self.head == "auto" or self.head in HEAD_KINDS, "head", self.head,
+             f"auto or a head kind: {', '.join(HEAD_KINDS)}"),
             (not (self.overwrite and self.resume), "overwrite", self.overwrite, "not combined with resume"),
         ]
         for ok, name, value, want in checks:

@@ -1,12 +1,11 @@
 """The method registry: one line per method, name -> (config class, apply function).
 
-Every method module defines a frozen Config dataclass (with ``method``, ``template_for``) and an
-``apply_<method>(base, config, **context)`` that returns the adapter module. An adapter offers
-``inject(embeds, virtual_index, task_ids)`` (input-side prompts), ``attention_kwargs(batch_size,
-task_ids)`` (deep prompts) and ``peft_export(facts)``; weight-side methods change the base's modules
-in place and return identity hooks. Optional hooks, found with ``getattr``: ``trains_base`` (keep the
-base's dropout on), ``extra_loss()``, ``set_total_steps(n)`` and ``after_optimizer_step(step)`` (the
-training loop's, for AdaLoRA) and ``after_load()`` (called once the saved tensors are loaded).
+Every method module defines a frozen Config dataclass (with ``method``, ``default_lr`` and
+``template_for``) and an ``apply_<method>(base, config, **context)`` that returns an adapter
+meeting :class:`ptune.methods.base.Adapter` (``inject``, ``attention_kwargs``, ``trains_base``,
+``set_enabled``); every adapter extends :class:`~ptune.methods.base.IdentityHooks`. Optional parts
+are Protocols too, checked with ``isinstance``: ``TrainingHooks`` (AdaLoRA's loop hooks),
+``PeftExportable``, ``ReloadHook``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..fields import from_values
+from .base import Adapter, IdentityHooks, PeftExportable, ReloadHook, TrainingHooks  # noqa: I001
 from .adalora import AdaLoraConfig, apply_adalora
 from .bitfit import BitFitConfig, apply_bitfit
 from .full import FullFinetuneConfig, apply_full
@@ -51,6 +51,6 @@ def make_config(name: str, **values: Any) -> Any:
     return from_values(cls, values, name)
 
 
-__all__ = ["METHODS", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
+__all__ = ["METHODS", "Adapter", "IdentityHooks", "PeftExportable", "ReloadHook", "TrainingHooks", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
            "PrefixTuningConfig", "PTuningV2Config", "LoraConfig", "QLoraConfig", "AdaLoraConfig", "BitFitConfig",
            "FullFinetuneConfig", "ManualConfig", "merge_and_unload"]

@@ -13,22 +13,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
 from .lora import no_virtual_tokens
-from .manual import NoAdapter
+from .base import IdentityHooks
 
 
-class BaseParamsAdapter(NoAdapter):
-    """Marks some of the base's own parameters trainable; identity input and attention hooks."""
+class BaseParamsAdapter(IdentityHooks):
+    """Marks some of the base's own parameters trainable; identity input and attention hooks.
+
+    ``set_enabled(False)`` puts the original values back (kept at apply time, on the CPU) and
+    ``set_enabled(True)`` the trained ones; ``keep_original=False`` (full fine-tuning: a second
+    copy of the whole model) makes disabling an error instead.
+    """
 
     trains_base = True  # the base's own weights train: keep its dropout on
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, params: list[nn.Parameter], keep_original: bool = True) -> None:
         super().__init__()
         self.config = config
+        self._params = params  # a plain list: the base owns them
+        self._original = [p.detach().cpu().clone() for p in params] if keep_original else None
+        self._trained: list[torch.Tensor] | None = None
+
+    def set_enabled(self, enabled: bool) -> None:
+        if self._original is None:
+            raise ConfigError(f"{self.config.method} trains the base's own weights and keeps no copy of the "
+                              "originals; load a fresh base to compare with it")
+        with torch.no_grad():
+            if not enabled and self._trained is None:
+                self._trained = [p.detach().clone() for p in self._params]
+                for p, v in zip(self._params, self._original):
+                    p.copy_(v)
+            elif enabled and self._trained is not None:
+                for p, v in zip(self._params, self._trained):
+                    p.copy_(v)
+                self._trained = None
 
 
 @dataclass(frozen=True)
@@ -47,4 +70,4 @@ def apply_bitfit(base: nn.Module, config: BitFitConfig, **_: Any) -> BaseParamsA
                           "without biases); use lora instead")
     for p in biases:
         p.requires_grad_(True)
-    return BaseParamsAdapter(config)
+    return BaseParamsAdapter(config, biases)

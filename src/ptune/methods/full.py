@@ -33,6 +33,7 @@ def apply_full(base: nn.Module, config: FullFinetuneConfig, **_: Any) -> BasePar
     if quantized:
         raise ConfigError(f"full fine-tuning cannot train quantized weights ({quantized[0]} and {len(quantized) - 1} "
                           "more); use qlora on a quantized base, or load the base without --quantize")
-    for p in base.parameters():
+    params = list(base.parameters())
+    for p in params:
         p.requires_grad_(True)
-    return BaseParamsAdapter(config)
+    return BaseParamsAdapter(config, params, keep_original=False)

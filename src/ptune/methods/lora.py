@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
+from .base import IdentityHooks
 
 # attention query / value projections per architecture (the LoRA paper's choice)
 DEFAULT_TARGETS = {"bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
@@ -107,6 +108,7 @@ class LowRankLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.transposed = type(base_layer).__name__ == "Conv1D"
         self.merged = False
+        self.disabled = False  # PtuneModel.disable_adapter(): the frozen layer alone
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads ``layer.weight`` (dtype, device checks)
@@ -125,6 +127,11 @@ class LowRankLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
+            if self.disabled:
+                raise ConfigError("the low-rank update is merged into the weights and cannot be switched off; "
+                                  "unmerge() first")
+            return y
+        if self.disabled:
             return y
         return y + self.update(self.dropout(x).to(self.lora_A.dtype)).to(y.dtype)
 
@@ -226,7 +233,7 @@ def peft_task_type(base: nn.Module) -> dict:
     return {"task_type": "FEATURE_EXTRACTION"} if body is None or body is base else {}
 
 
-class WeightAdapter(nn.Module):
+class WeightAdapter(IdentityHooks):
     """Bookkeeping for low-rank layers living inside the base: the parameters belong to the base."""
 
     trains_base = True  # the base's own modules carry trainable weights: keep its dropout on
@@ -240,11 +247,9 @@ class WeightAdapter(nn.Module):
     def layers(self) -> dict[str, LowRankLayer]:
         return {n: self._base[0].get_submodule(n) for n in self.names}
 
-    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor, task_ids: Any) -> torch.Tensor:
-        return embeds
-
-    def attention_kwargs(self, batch_size: int, task_ids: Any) -> dict:
-        return {}
+    def set_enabled(self, enabled: bool) -> None:
+        for layer in self.layers().values():
+            layer.disabled = not enabled
 
     def merge(self) -> None:
         for layer in self.layers().values():

@@ -11,21 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
+from .base import IdentityHooks
 
 
-class NoAdapter(nn.Module):
+class NoAdapter(IdentityHooks):
     """Identity hooks and no parameters."""
-
-    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor, task_ids: Any) -> torch.Tensor:
-        return embeds
-
-    def attention_kwargs(self, batch_size: int, task_ids: Any) -> dict:
-        return {}
 
 
 @dataclass(frozen=True)

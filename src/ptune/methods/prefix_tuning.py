@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import arch_facts, backbone_of
 from ..templates import Template
+from .base import IdentityHooks
 
 ATTN_IMPL = "ptune_sdpa"
 
@@ -123,16 +124,12 @@ class PrefixEncoder(nn.Module):
         return rows.permute(0, 2, 3, 4, 1, 5)  # (B, L, 2, Hkv, P, D)
 
 
-class PrefixAdapter(nn.Module):
+class PrefixAdapter(IdentityHooks):
     def __init__(self, config: PrefixTuningConfig, facts: Any) -> None:
         super().__init__()
         self.config = config
         self.encoder = PrefixEncoder(config, facts.num_layers, facts.num_key_value_heads, facts.head_dim,
                                      facts.hidden_size)
-
-    def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
-               task_ids: torch.Tensor | None) -> torch.Tensor:
-        return embeds
 
     def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
         return {"ptune_prefix": self.encoder.prefixes(batch_size, task_ids)}

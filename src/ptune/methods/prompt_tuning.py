@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
+from .base import IdentityHooks
 
 INITS = ("random", "vocab", "text", "labels")
 
@@ -122,7 +123,7 @@ def _std(weight: torch.Tensor, chunk: int = 16384) -> float:
     return max(sq / count - mean * mean, 0.0) ** 0.5 * (count / max(count - 1, 1)) ** 0.5
 
 
-class InputPrompts(nn.Module):
+class InputPrompts(IdentityHooks):
     """Shared hooks of the input-side prompt methods: ``prompts()`` fill the placeholders."""
 
     def prompts(self) -> torch.Tensor:  # (num_tasks, N, d)
@@ -131,9 +132,6 @@ class InputPrompts(nn.Module):
     def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor,
                task_ids: torch.Tensor | None) -> torch.Tensor:
         return scatter_prompts(embeds, virtual_index, self.prompts(), task_ids)
-
-    def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
-        return {}
 
 
 class PromptEmbedding(InputPrompts):

@@ -1,0 +1,175 @@
+"""The contract every head kind meets, and the pieces heads share.
+
+A *head kind* (``classification``, ``tagging``, ``verbalizer``, ``causal_lm``, ...) is everything
+ptune knows about one way of turning a transformer's hidden states into a task's answers: the
+module that scores and computes the loss, how a record's label becomes training targets, how
+scores decode to predictions, which metrics it reports (one :class:`MetricSpec` each), which base
+it needs (a bare backbone, a masked LM or a causal LM), its default template and its HF PEFT task
+type. The engine, evaluation, inference and the API only call these methods; no code outside
+``ptune.heads`` branches on a head's name. Adding a head is one module here, one registry line in
+``heads/__init__.py`` and one row in the shared test matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..templates import Encoded
+
+if TYPE_CHECKING:
+    from ..data.tasks import Task
+    from ..templates import Template, TemplateEncoder
+
+POOLINGS = ("auto", "cls", "pooler", "mean", "last")
+BASE_KINDS = ("backbone", "masked_lm", "causal_lm")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A head's shape: its kind (see ``ptune.heads.HEAD_KINDS``) and the few settings heads read."""
+
+    kind: str = "classification"
+    num_labels: int = 0
+    label_word_ids: tuple[int, ...] = ()  # verbalizer: first token id of each label word
+    pooling: str = "auto"  # classification: auto (cls for encoders, last for decoders) | cls | pooler | mean | last
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        from . import head_kind
+
+        object.__setattr__(self, "label_word_ids", tuple(int(i) for i in self.label_word_ids))
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        head_kind(self.kind).check_config(self)
+
+    @property
+    def spec(self) -> "HeadKind":
+        from . import head_kind
+
+        return head_kind(self.kind)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric a head reports: its key in the metrics dict and which way is better."""
+
+    name: str
+    higher_is_better: bool = True
+    aliases: tuple[str, ...] = ()  # older names a task file may use for it
+
+
+@dataclass
+class Example:
+    """One record after the template and the head's label encoding."""
+
+    encoded: Encoded
+    target: int | None  # one class id per row (class heads); None for per-token labels or none
+    record: dict
+
+
+@runtime_checkable
+class HeadKind(Protocol):
+    """What a head kind provides; each is a stateless object registered in ``ptune.heads``."""
+
+    name: str
+    label_form: str  # "class" | "tags" | "text": heads of one form can stand in for each other on a task
+    metrics: tuple[MetricSpec, ...]  # the first is the default main metric
+
+    def check_config(self, config: HeadConfig) -> None: ...
+    def base_kind(self, is_encoder: bool) -> str: ...
+    def peft_task_type(self, is_encoder: bool) -> str | None: ...
+    def default_template(self) -> str: ...
+    def task_template(self, task: "Task") -> str: ...
+    def resolve(self, config: HeadConfig, template: "Template", *, tokenizer: Any, label_words: Sequence[str],
+                causal: bool) -> HeadConfig: ...
+    def build(self, config: HeadConfig, base: nn.Module, hidden_size: int, is_encoder: bool) -> nn.Module: ...
+    def validate_record(self, task: "Task", rec: dict, source: str, allow_unlabeled: bool) -> None: ...
+    def record_from_text(self, task: "Task", text: str) -> dict: ...
+    def encode(self, task: "Task", encoder: "TemplateEncoder", rec: dict, labelled: bool) -> Example: ...
+    def rows(self, logits: torch.Tensor, labels: torch.Tensor | None, lengths: Sequence[int]) -> list[Any]: ...
+    def decode(self, task: "Task", example: Example, row: Any) -> Any: ...
+    def compute_metrics(self, task: "Task", examples: Sequence[Example], rows: Sequence[Any]) -> dict[str, float]: ...
+    def result(self, task: "Task", rec: dict, prediction: Any, row: Any) -> dict[str, Any]: ...
+
+
+class HeadBase:
+    """Defaults most head kinds share; a head kind overrides what differs."""
+
+    name = ""
+    label_form = "class"
+    metrics: tuple[MetricSpec, ...] = ()
+
+    def check_config(self, config: HeadConfig) -> None:
+        if config.num_labels < 1:
+            raise ConfigError(f"a {self.name} head needs num_labels >= 1, got {config.num_labels}")
+
+    def base_kind(self, is_encoder: bool) -> str:
+        return "backbone"
+
+    def peft_task_type(self, is_encoder: bool) -> str | None:
+        return None
+
+    def default_template(self) -> str:
+        return "{text}"
+
+    def task_template(self, task: "Task") -> str:
+        return task.template or " ".join("{%s}" % f for f in task.text_fields)
+
+    def resolve(self, config: HeadConfig, template: "Template", *, tokenizer: Any, label_words: Sequence[str],
+                causal: bool) -> HeadConfig:
+        """The config with everything derived from the tokenizer and template filled in (and checked)."""
+        return config
+
+    def resolve_labels(self, task: "Task", splits: dict[str, list[dict]], tokenizer: Any, *, causal: bool,
+                       log: Any = None) -> tuple["Task", dict[str, list[dict]]]:
+        """The task's labels as this head can use them (a verbalizer drops colliding label words)."""
+        return task, splits
+
+    def metric(self, name: str) -> MetricSpec:
+        for m in self.metrics:
+            if name == m.name or name in m.aliases:
+                return m
+        raise ConfigError(f"metric {name!r} does not fit a {self.name} head; use one of "
+                          f"{[m.name for m in self.metrics]}")
+
+    def rows(self, logits: torch.Tensor, labels: torch.Tensor | None, lengths: Sequence[int]) -> list[Any]:
+        """Per-row fp32 CPU scores: (C,) for a pooled head, (T, C) over the row's real length for per-token."""
+        logits = logits.float().cpu()
+        return [logits[j] if logits.dim() == 2 else logits[j, :n] for j, n in enumerate(lengths)]
+
+    def record_from_text(self, task: "Task", text: str) -> dict:
+        return {task.text_fields[0]: text}
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def lm_head_of(lm: nn.Module) -> nn.Module:
+    """The module that maps hidden states to vocabulary logits (``cls``, ``lm_head``)."""
+    body = lm.base_model
+    children = [m for name, m in lm.named_children() if m is not body and not isinstance(m, nn.modules.loss._Loss)]
+    if len(children) != 1:
+        raise ConfigError(f"cannot find the LM head of {type(lm).__name__}: it has {len(children)} candidate modules")
+    return children[0]
+
+
+class LMScores(nn.Module):
+    """Vocabulary logits from the base's own (frozen) LM head, with Gemma-style final soft-capping."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self._lm_head: list[nn.Module] = [lm_head_of(base)]  # a list: the base's module, not this head's
+        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self._lm_head[0](h)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

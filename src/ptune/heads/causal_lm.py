@@ -1,0 +1,93 @@
+"""Causal-LM head: next-token logits over the vocabulary at every position, from the base's LM head.
+
+Training records are prompt/response pairs with the loss on the response only (the task's
+``target_field``), or plain text with the loss on every real token (``target_field: ''``). The
+metrics are the mean token loss and its perplexity over the scored tokens; generation goes through
+``PtuneModel.generate``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, cross_entropy
+
+
+class CausalLMModule(nn.Module):
+    def __init__(self, config: HeadConfig, base: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.scores = LMScores(base)
+
+    def forward(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores(hidden)  # (B, T, V)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits[:, :-1], labels[:, 1:])  # predict token t+1 from position t
+
+
+class CausalLMHead(HeadBase):
+    name = "causal_lm"
+    label_form = "text"
+    metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("perplexity", higher_is_better=False))
+
+    def check_config(self, config: HeadConfig) -> None:
+        pass  # the vocabulary is the label set
+
+    def base_kind(self, is_encoder: bool) -> str:
+        return "causal_lm"
+
+    def peft_task_type(self, is_encoder: bool) -> str | None:
+        return "CAUSAL_LM"
+
+    def build(self, config: HeadConfig, base: nn.Module, hidden_size: int, is_encoder: bool) -> nn.Module:
+        return CausalLMModule(config, base)
+
+    def validate_record(self, task: Any, rec: dict, source: str, allow_unlabeled: bool) -> None:
+        for f in task.text_fields:
+            value = rec.get(f)
+            if value is None:
+                raise DataError(f"{source}: missing text field {f!r} (fields present: {sorted(rec)})")
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{source}: text field {f!r} is empty")
+        if task.target_field and not allow_unlabeled and not isinstance(rec.get(task.target_field), str):
+            raise DataError(f"{source}: missing target field {task.target_field!r}")
+
+    def encode(self, task: Any, encoder: Any, rec: dict, labelled: bool) -> Example:
+        if task.target_field:  # prompt -> response: the loss falls on the response only
+            enc = encoder.encode(rec, target=rec.get(task.target_field) if labelled else None)
+        else:  # plain text: every real token after the first is a target
+            enc = encoder.encode(rec)
+            enc.labels = [t if v < 0 else -100 for t, v in zip(enc.input_ids, enc.virtual_index)]
+        return Example(enc, None, rec)
+
+    def rows(self, logits: torch.Tensor, labels: torch.Tensor | None, lengths: Sequence[int]) -> list[Any]:
+        """Per row: (summed target-token loss, target-token count); the (T, V) logits are not kept."""
+        out = []
+        for j in range(logits.shape[0]):
+            loss, count = 0.0, 0
+            if labels is not None:
+                lab = labels[j, 1:]
+                keep = lab != -100
+                if keep.any():
+                    lp = torch.log_softmax(logits[j, :-1][keep].float(), -1)
+                    loss = float(-lp.gather(1, lab[keep][:, None]).sum())
+                    count = int(keep.sum())
+            out.append((loss, count))
+        return out
+
+    def decode(self, task: Any, example: Example, row: Any) -> Any:
+        return None  # causal-LM runs answer through generate()
+
+    def compute_metrics(self, task: Any, examples: Sequence[Example], rows: Sequence[Any]) -> dict[str, float]:
+        mean = sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1)
+        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+    def result(self, task: Any, rec: dict, prediction: Any, row: Any) -> dict[str, Any]:
+        loss, count = row
+        return {"loss": loss / count if count else None, "tokens_scored": count}
