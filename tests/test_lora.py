@@ -104,7 +104,7 @@ def test_lora_config_errors(tokenizer):
     with pytest.raises(ConfigError, match=r"r=40 exceeds the width of h\.0\.attn\.c_attn \(32 -> 96\)"):
         classifier("gpt2", ptune.LoraConfig(r=40), tokenizer)
     for bad, match in [(dict(r=0), "r=0 must be a positive integer"), (dict(r=2.5), "positive integer"),
-                       (dict(alpha=0), "alpha=0 must be positive"), (dict(dropout=1.0), "dropout=1.0"),
+                       (dict(alpha=0), "alpha=0 must be positive"), (dict(lora_dropout=1.0), "lora_dropout=1.0"),
                        (dict(target_modules=()), "target_modules is empty"),
                        (dict(target_modules=("re:([",)), "not a valid regular expression")]:
         with pytest.raises(ConfigError, match=match):

@@ -230,3 +230,51 @@ def test_export_peft_loads_in_peft_with_same_logits(arch, method, tokenizer, tmp
     with torch.no_grad():
         base_logits = _causal_lm(arch)(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(base_logits[real], theirs[real], atol=1e-3)  # the adapter is really applied
+
+
+# ---------------------------------------------------------------- format 1 (before the resolved run spec)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name, arch, kind", [("format1_p_tuning", "bert", "backbone"),
+                                              ("format1_lora_verbalizer", "gpt2", "causal_lm")])
+def test_format1_adapters_still_load_and_compute_what_they_did(name, arch, kind, tokenizer):
+    """Adapters saved by ptune before format 2 (kept as fixtures, with the logits they gave then)."""
+    from conftest import liven, tiny_base
+
+    path = FIXTURES / name
+    expected = json.loads((path / "expected_logits.json").read_text())
+    spec = ptune.read_spec(path)
+    assert spec.base.quantize is None and spec.base.kind == kind and spec.task is None
+    model = ptune.load_adapter(path, base=liven(tiny_base(arch, kind)), tokenizer=tokenizer).eval()
+    assert model.template.source == json.loads((path / "adapter_config.json").read_text())["template"]
+    enc = ptune.TemplateEncoder(model.template, tokenizer, max_length=32, causal=arch == "gpt2")
+    batch = collate([enc.encode({"text": t}) for t in expected["texts"]], pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, torch.tensor(expected["logits"]), atol=1e-5, rtol=1e-4)
+
+
+def test_spec_round_trips_and_records_how_the_base_was_loaded(tokenizer, tmp_path, tiny_model_dir):
+    base = ptune.load_base(tiny_model_dir)
+    model = ptune.apply(base, ptune.PTuningV2Config(num_virtual_tokens=2), tokenizer=tokenizer,
+                        labels=["a", "b"], max_length=48)
+    path = ptune.save_adapter(model, tmp_path / "a")
+    spec = ptune.read_spec(path)
+    assert spec == model.spec  # everything needed to rebuild the model, unchanged through the file
+    assert spec.base.name == tiny_model_dir and spec.base.kind == "backbone" and spec.max_length == 48
+    again = ptune.load_adapter(path)  # no base given: loaded from the spec, the way it was loaded
+    assert again.spec == spec
+
+
+def test_a_saved_consent_never_switches_itself_on(tokenizer, tmp_path, tiny_model_dir):
+    """An adapter whose base needed remote code reloads only when the caller consents again."""
+    model = ptune.apply(ptune.load_base(tiny_model_dir), ptune.PromptTuningConfig(num_virtual_tokens=2),
+                        tokenizer=tokenizer, labels=["a", "b"])
+    path = ptune.save_adapter(model, tmp_path / "a")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["base"]["trust_remote_code"] = True
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ptune.ConfigError, match="pass --trust-remote-code"):
+        ptune.load_adapter(path)
+    assert ptune.load_adapter(path, trust_remote_code=True).spec.base.trust_remote_code

@@ -44,11 +44,12 @@ def _field_comments(cls: type) -> dict[str, str]:
     import inspect
     import re
 
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # inherited fields too
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
     return out
 
 
@@ -111,6 +112,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_CONSENT = ("trust_remote_code", "allow_pickle")  # a run's base loaded this way needs the consent again
 ZERO_SHOT_FIELDS = ("model", "task", "template", "max_length", "eval_batch_size", "validation_file", "test_file",
                     "quantize", "seed", "trust_remote_code", "allow_pickle")
 
@@ -141,10 +143,11 @@ def _open_run(args: argparse.Namespace) -> Any:
     if args.zero_shot == bool(args.run):
         raise ConfigError("give either a run directory or --zero-shot (with --model and --task), not both")
     if args.run:
+        consent = {k: options.pop(k) for k in RUN_CONSENT if k in options}
         if options:
             raise ConfigError(f"{', '.join(_flag(k) for k in options)} only apply with --zero-shot; "
                               "a run keeps the settings it was trained with")
-        return Run(args.run)
+        return Run(args.run, **consent)
     say = lambda line: print(f"ptune: {line}", file=sys.stderr)  # noqa: E731
     return Run.zero_shot(TrainConfig.from_dict(options), log=say)
 
@@ -185,7 +188,8 @@ def _generate(args: argparse.Namespace) -> int:
     options = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         options.update(temperature=args.temperature, top_p=args.top_p)
-    for text in Run(args.run).generate(args.prompt, max_new_tokens=args.max_new_tokens, **options):
+    consent = {k: getattr(args, k) for k in RUN_CONSENT}
+    for text in Run(args.run, **consent).generate(args.prompt, max_new_tokens=args.max_new_tokens, **options):
         print(text)
     return 0
 
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--trust-remote-code", action="store_true", help="the run's base was loaded with remote code")
+    g.add_argument("--allow-pickle", action="store_true", help="the run's base has pickle weight files")
     g.set_defaults(func=_generate)
     return parser
 

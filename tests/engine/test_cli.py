@@ -90,3 +90,19 @@ def test_bad_input_via_cli_is_one_line_and_loses_nothing(tiny_model_dir, toy_tas
         assert message in err, (message, err)
         assert len(err.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+
+
+def test_method_options_mean_one_thing(capsys):
+    """Each method option flag has one meaning: the dropouts of the prompt encoder, of the deep prompts and of
+    LoRA's branch are three flags, each naming the methods it applies to; an option a method lacks is refused."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dropout " not in text
+    assert "--encoder-dropout VALUE on the prompt encoder's input, and between its LSTM layers [p_tuning]" in text
+    assert "--prefix-dropout VALUE on the prefix keys/values" in text and "[p_tuning_v2, prefix_tuning]" in text
+    assert "[lora, adalora, qlora]" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "lora", "--dropout", "0.1"])
+    assert main(["train", "--method", "lora", "--encoder-dropout", "0.1", "--max-steps", "1"]) == 2
+    assert "lora: unknown option(s) ['encoder_dropout']" in capsys.readouterr().err

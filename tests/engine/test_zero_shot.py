@@ -58,7 +58,7 @@ def test_manual_refuses_training_virtual_tokens_and_untrained_heads(tiny_gpt2_di
                             output_dir=str(tmp_path / "run")))
     with pytest.raises(ConfigError, match="no trainable tokens"):
         Run.zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, template="[P:2] {text}{mask}"))
-    with pytest.raises(ConfigError, match="head verbalizer"):
+    with pytest.raises(ConfigError, match=r"needs a head that adds no weights \(verbalizer for task toy\)"):
         Run.zero_shot(zero_shot_cfg(tiny_gpt2_dir, toy_task, head="classification"))
 
 

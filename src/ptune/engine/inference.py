@@ -16,7 +16,7 @@ from ..api import CONFIG_NAME, load_adapter, read_spec
 from ..batching import collate
 from ..data import Task, load_records
 from ..errors import ConfigError, PtuneError
-from ..heads import head_kind
+from ..heads import HEAD_KINDS, head_kind
 from ..model import PtuneModel
 from ..models import load_tokenizer
 from .build import build_model, encode_records, load_task, make_encoder, model_is_encoder
@@ -66,15 +66,18 @@ class Run:
     @classmethod
     def zero_shot(cls, cfg: TrainConfig, log: Any = None) -> "Run":
         """The task's template scored by the frozen LM through a verbalizer; nothing is trained."""
-        if cfg.head not in ("auto", "verbalizer"):
-            raise ConfigError(f"zero-shot evaluation scores label words with the LM (head verbalizer); "
-                              f"head={cfg.head!r} would be an untrained layer")
-        cfg = dataclasses.replace(cfg, method="manual", method_options={}, head="verbalizer")
+        task, splits = load_task(cfg, need_train=False)
+        untrained = [name for name, k in HEAD_KINDS.items() if not k.new_weights and k.label_form == task.kind.label_form]
+        if cfg.head != "auto" and cfg.head not in untrained or not untrained:
+            raise ConfigError(f"zero-shot evaluation needs a head that adds no weights ({', '.join(untrained) or 'none'} "
+                              f"for task {task.name}); head={cfg.head!r} would be an untrained layer")
+        head = task.head if task.head in untrained else (cfg.head if cfg.head != "auto" else untrained[0])
+        cfg = dataclasses.replace(cfg, method="manual", method_options={}, head=head)
         run = cls.__new__(cls)
         run.path, run.config, run._data_config = None, cfg, cfg
         run.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         encoder = model_is_encoder(cfg)
-        run.task, run._splits = load_task(cfg, run.tokenizer, need_train=False, log=log, encoder_model=encoder)
+        run.task, run._splits = head_kind(head).resolve_labels(task, splits, run.tokenizer, causal=not encoder, log=log)
         run.model = build_model(cfg, run.task, run.tokenizer, encoder_model=encoder)
         run._ready()
         return run

@@ -79,6 +79,7 @@ class HeadKind(Protocol):
 
     name: str
     label_form: str  # "class" | "tags" | "text": heads of one form can stand in for each other on a task
+    new_weights: bool  # whether the head adds weights that must be trained (zero-shot needs False)
     metrics: tuple[MetricSpec, ...]  # the first is the default main metric
 
     def check_config(self, config: HeadConfig) -> None: ...
@@ -104,6 +105,7 @@ class HeadBase:
     name = ""
     label_form = "class"
     metrics: tuple[MetricSpec, ...] = ()
+    new_weights = True  # False: the base's own LM head answers, so the head works with nothing trained
 
     def check_config(self, config: HeadConfig) -> None:
         if config.num_labels < 1:

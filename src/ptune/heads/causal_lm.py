@@ -34,6 +34,7 @@ class CausalLMModule(nn.Module):
 class CausalLMHead(HeadBase):
     name = "causal_lm"
     label_form = "text"
+    new_weights = False
     metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("perplexity", higher_is_better=False))
 
     def check_config(self, config: HeadConfig) -> None:

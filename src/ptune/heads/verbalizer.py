@@ -65,6 +65,7 @@ def collision_message(groups: list[list[str]]) -> str:
 
 class VerbalizerHead(ClassLabels):
     name = "verbalizer"
+    new_weights = False
 
     def check_config(self, config: HeadConfig) -> None:
         # empty label_word_ids: resolve() fills them in from the label words and the tokenizer

@@ -48,6 +48,8 @@ def method_entry(name: str) -> tuple[type, Callable[..., Any]]:
 def make_config(name: str, **values: Any) -> Any:
     """Build a method config from plain values (YAML, CLI); unknown keys are refused by name."""
     cls, _ = method_entry(name)
+    renamed = getattr(cls, "renamed", {})  # an option renamed so that one name means one thing across methods
+    values = {renamed.get(k, k): v for k, v in values.items()}
     return from_values(cls, values, name)
 
 

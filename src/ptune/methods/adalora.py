@@ -50,11 +50,12 @@ def check_schedule(total_step: int, tinit: int, tfinal: int) -> None:
 @dataclass(frozen=True)
 class AdaLoraConfig:
     method: ClassVar[str] = "adalora"
+    renamed: ClassVar[dict[str, str]] = {"dropout": "lora_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-3  # learning rate when --lr is not given
     init_r: int = 12  # starting rank per layer
     target_r: int = 8  # average rank per layer at the end
     alpha: float = 32.0  # PEFT's lora_alpha; the update is scaled by alpha / init_r
-    dropout: float = 0.0  # on the update's input
+    lora_dropout: float = 0.0  # dropout on the update's input (PEFT's lora_dropout)
     target_modules: tuple[str, ...] | None = None  # as LoRA's: suffixes, "re:<regex>", "all-linear"
     tinit: int = 0  # warm-up steps at the full budget
     tfinal: int = 0  # final steps with the rank pattern fixed
@@ -76,9 +77,9 @@ class AdaLoraConfig:
         if self.deltaT < 1 or self.tinit < 0 or self.tfinal < 0:
             raise ConfigError(f"need deltaT >= 1 and tinit, tfinal >= 0, got deltaT={self.deltaT}, "
                               f"tinit={self.tinit}, tfinal={self.tfinal}")
-        if not self.alpha > 0 or self.orth_reg_weight < 0 or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"need alpha > 0, orth_reg_weight >= 0 and dropout in [0, 1), got alpha={self.alpha}, "
-                              f"orth_reg_weight={self.orth_reg_weight}, dropout={self.dropout}")
+        if not self.alpha > 0 or self.orth_reg_weight < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"need alpha > 0, orth_reg_weight >= 0 and lora_dropout in [0, 1), got alpha={self.alpha}, "
+                              f"orth_reg_weight={self.orth_reg_weight}, lora_dropout={self.lora_dropout}")
         if self.total_step is not None:
             check_schedule(self.total_step, self.tinit, self.tfinal)
         object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
@@ -234,7 +235,7 @@ class AdaLoraAdapter(WeightAdapter):
         total = self.total_step or cfg.tinit + cfg.tfinal + 1  # PEFT insists on a valid schedule
         pattern = self.rank_pattern()
         out = {"peft_type": "ADALORA", "init_r": cfg.init_r, "target_r": cfg.target_r,
-               "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
+               "lora_alpha": cfg.alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
                "target_modules": peft_targets(self._base[0], self.names),
                "fan_in_fan_out": any(layer.transposed for layer in self.layers().values()),
                "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "beta1": cfg.beta1,
@@ -254,5 +255,5 @@ def apply_adalora(base: nn.Module, config: AdaLoraConfig, **_: Any) -> AdaLoraAd
     names = find_targets(base, config.target_modules, config.method)
     check_rank(base, names, config.init_r, "init_r")
     wrap_layers(base, names, lambda name, layer: SVDLinear(name, layer, config.init_r, config.alpha,
-                                                           config.dropout))
+                                                           config.lora_dropout))
     return AdaLoraAdapter(config, base, names)

@@ -64,10 +64,11 @@ def normalize_targets(targets: Any) -> tuple[str, ...] | None:
 @dataclass(frozen=True)
 class LoraConfig:
     method: ClassVar[str] = "lora"
+    renamed: ClassVar[dict[str, str]] = {"dropout": "lora_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 5e-4  # learning rate when --lr is not given
     r: int = 8  # rank of the update
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
-    dropout: float = 0.0  # on the LoRA branch's input
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input (PEFT's lora_dropout)
     target_modules: tuple[str, ...] | None = None  # suffixes, "re:<regex>" or "all-linear"; None: per architecture
 
     def __post_init__(self) -> None:
@@ -75,8 +76,8 @@ class LoraConfig:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha!r} must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
 
     def template_for(self, task_template: Template) -> Template:
@@ -265,7 +266,7 @@ class LoraAdapter(WeightAdapter):
         """PEFT's LoRA layout; keys are relative to the model PEFT wraps (the base)."""
         layers = self.layers()
         cfg = {"peft_type": "LORA", "r": self.config.r, "lora_alpha": self.config.alpha,
-               "lora_dropout": self.config.dropout, "bias": "none",
+               "lora_dropout": self.config.lora_dropout, "bias": "none",
                "target_modules": peft_targets(self._base[0], self.names),
                "fan_in_fan_out": any(layer.transposed for layer in layers.values()),
                **peft_task_type(self._base[0])}
@@ -279,7 +280,7 @@ class LoraAdapter(WeightAdapter):
 def apply_lora(base: nn.Module, config: LoraConfig, **_: Any) -> LoraAdapter:
     names = find_targets(base, config.target_modules, config.method)
     check_rank(base, names, config.r, "r")
-    wrap_layers(base, names, lambda name, layer: LoraLinear(name, layer, config.r, config.alpha, config.dropout))
+    wrap_layers(base, names, lambda name, layer: LoraLinear(name, layer, config.r, config.alpha, config.lora_dropout))
     return LoraAdapter(config, base, names)
 
 

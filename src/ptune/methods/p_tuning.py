@@ -6,7 +6,7 @@ encoder maps trainable inputs h_0..h_{N-1} to the vectors that fill the placehol
 paper found to train faster and more stably. Encoders: ``lstm`` (a 2-layer bi-LSTM then a 2-layer
 MLP, as the paper and HF PEFT), ``mlp`` (``encoder_num_layers`` linear layers with ReLU between) or
 ``none`` (the inputs are used as they are). Options: ``residual`` adds the encoder input to its
-output, ``layer_norm`` normalises the output, ``dropout`` acts on the encoder input. The encoder is
+output, ``layer_norm`` normalises the output, ``encoder_dropout`` acts on the encoder input (and between LSTM layers). The encoder is
 part of the saved adapter, so training can resume. Omitted: the paper's per-task anchor search.
 """
 
@@ -28,6 +28,7 @@ ENCODERS = ("lstm", "mlp", "none")
 @dataclass(frozen=True)
 class PTuningConfig:
     method: ClassVar[str] = "p_tuning"
+    renamed: ClassVar[dict[str, str]] = {"dropout": "encoder_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
     template: str | None = None  # with [P:n] markers; None: "[P:num_virtual_tokens]" before the task template
     num_virtual_tokens: int = 10  # used only when template is None
@@ -36,7 +37,7 @@ class PTuningConfig:
     encoder_num_layers: int = 2  # LSTM layers, or linear layers of the MLP
     residual: bool = False
     layer_norm: bool = False
-    dropout: float = 0.0
+    encoder_dropout: float = 0.0  # on the prompt encoder's input, and between its LSTM layers
     init: str = "random"  # random | vocab | text | labels, for the encoder inputs
     init_text: str | None = None
     num_tasks: int = 1
@@ -49,8 +50,8 @@ class PTuningConfig:
             raise ConfigError(f"encoder_num_layers={self.encoder_num_layers} must be >= 1")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size} must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ConfigError(f"encoder_dropout={self.encoder_dropout} must be in [0, 1)")
         if self.template is not None:
             if Template.parse(self.template).num_virtual_tokens == 0:
                 raise ConfigError(f"P-Tuning template {self.template!r} has no virtual tokens; add [P] or [P:n]")
@@ -73,11 +74,11 @@ class PromptEncoder(nn.Module):
         super().__init__()
         self.config = config
         h = config.encoder_hidden_size
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.encoder_dropout)
         if config.encoder == "lstm":
             h = h or d // 2
             self.lstm_head = nn.LSTM(d, h, num_layers=config.encoder_num_layers, bidirectional=True,
-                                     batch_first=True, dropout=config.dropout if config.encoder_num_layers > 1 else 0.0)
+                                     batch_first=True, dropout=config.encoder_dropout if config.encoder_num_layers > 1 else 0.0)
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
         elif config.encoder == "mlp":
             h = h or d

@@ -62,11 +62,12 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 @dataclass(frozen=True)
 class PrefixTuningConfig:
     method: ClassVar[str] = "prefix_tuning"
+    renamed: ClassVar[dict[str, str]] = {"dropout": "prefix_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
     num_virtual_tokens: int = 20  # prefix length P per layer
     prefix_projection: bool = True  # reparameterize through an MLP (prefix tuning); False = P-Tuning v2
     encoder_hidden_size: int = 512  # MLP hidden size when prefix_projection
-    dropout: float = 0.0  # on the prefix keys/values (P-Tuning v2 uses the model's hidden dropout)
+    prefix_dropout: float = 0.0  # on the prefix keys/values (P-Tuning v2 uses the model's hidden dropout)
     num_tasks: int = 1
     seed: int = 0
 
@@ -75,8 +76,8 @@ class PrefixTuningConfig:
             raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be a positive integer")
         if self.encoder_hidden_size < 1:
             raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size} must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            raise ConfigError(f"prefix_dropout={self.prefix_dropout} must be in [0, 1)")
         if self.num_tasks < 1:
             raise ConfigError(f"num_tasks={self.num_tasks} must be >= 1")
 
@@ -112,7 +113,7 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Parameter(torch.randn(T, P, out, generator=gen))
             self.transform = None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.prefix_dropout)
 
     def flat(self) -> torch.Tensor:  # (num_tasks, P, L*2*Hkv*D), HF PEFT's layout
         return self.transform(self.embedding) if self.transform is not None else self.embedding
