@@ -32,7 +32,8 @@ def test_train_predict_eval(tiny_model_dir, toy_task, tmp_path, capsys):
     assert result["label"] in ("sport", "food")
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert main(["eval", str(out), "--split", "test"]) == 0
-    assert "accuracy" in json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(capsys.readouterr().out) == pytest.approx(summary["test"])  # the run's own test numbers
 
 
 @pytest.mark.parametrize("args, message", [
