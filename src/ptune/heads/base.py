@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..templates import Encoded
 
 if TYPE_CHECKING:
@@ -147,6 +147,16 @@ class HeadBase:
 
     def record_from_text(self, task: "Task", text: str) -> dict:
         return {task.text_fields[0]: text}
+
+
+def check_text_fields(task: "Task", rec: dict, source: str) -> None:
+    """Every text field of the task is present and non-empty text (heads whose inputs are plain text)."""
+    for f in task.text_fields:
+        value = rec.get(f)
+        if value is None:
+            raise DataError(f"{source}: missing text field {f!r} (fields present: {sorted(rec)})")
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{source}: text field {f!r} is empty")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, cross_entropy
+from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, check_text_fields, cross_entropy
 
 
 class CausalLMModule(nn.Module):
@@ -50,12 +50,7 @@ class CausalLMHead(HeadBase):
         return CausalLMModule(config, base)
 
     def validate_record(self, task: Any, rec: dict, source: str, allow_unlabeled: bool) -> None:
-        for f in task.text_fields:
-            value = rec.get(f)
-            if value is None:
-                raise DataError(f"{source}: missing text field {f!r} (fields present: {sorted(rec)})")
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{source}: text field {f!r} is empty")
+        check_text_fields(task, rec, source)
         if task.target_field and not allow_unlabeled and not isinstance(rec.get(task.target_field), str):
             raise DataError(f"{source}: missing target field {task.target_field!r}")
 

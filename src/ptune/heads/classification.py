@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..metrics import accuracy, macro_f1
-from .base import Example, HeadBase, HeadConfig, MetricSpec, cross_entropy
+from .base import Example, HeadBase, HeadConfig, MetricSpec, check_text_fields, cross_entropy
 
 CLASS_METRICS = (MetricSpec("accuracy"), MetricSpec("macro_f1"),
                  MetricSpec("precision_at_1"))  # probing: accuracy of the top candidate, under LAMA's name
@@ -62,12 +62,7 @@ class ClassLabels(HeadBase):
     metrics = CLASS_METRICS
 
     def validate_record(self, task: Any, rec: dict, source: str, allow_unlabeled: bool) -> None:
-        for f in task.text_fields:
-            value = rec.get(f)
-            if value is None:
-                raise DataError(f"{source}: missing text field {f!r} (fields present: {sorted(rec)})")
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{source}: text field {f!r} is empty")
+        check_text_fields(task, rec, source)
         if rec.get(task.label_field) is None:
             if allow_unlabeled:
                 return
