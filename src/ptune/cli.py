@@ -1,7 +1,8 @@
 """The ``ptune`` command: argument parsing only; every command is one call into the Python API.
 
-Flags are generated from :class:`TrainConfig` and from the method configs, so a YAML key, a flag
-(``--num-virtual-tokens 16``) and the Python field always share one name. User mistakes print one
+Flags are generated from :class:`TrainConfig` and from the method configs (help text from their
+fields' docstrings), so a YAML key, a flag (``--num-virtual-tokens 16``) and the Python field always
+share one name and one description. User mistakes print one
 line (``ptune: error: ...``) and exit with status 2; an interrupted run exits with 130.
 """
 
@@ -39,17 +40,16 @@ def _value(text: str) -> Any:
     return text if v is None and text not in ("null", "~", "") else v
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The ``# comment`` after each field of a dataclass: the docs live next to the code once."""
-    import inspect
-    import re
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring (the string under it), read by docstring_parser: the docs live
+    next to the field once, and --help, the API and the YAML keys share them. Inherited fields too."""
+    import docstring_parser
 
     out: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # inherited fields too
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
-            if m:
-                out[m.group(1)] = m.group(2).strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for param in docstring_parser.parse_from_object(klass).params:
+            if param.description:
+                out[param.arg_name] = " ".join(param.description.split())
     return out
 
 
@@ -66,7 +66,7 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                                    "model and the built-in bbc task.")
     p.add_argument("--config", help="YAML file of options (flags override it)")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    notes = _field_comments(TrainConfig)
+    notes = _field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method_options":
             continue
@@ -80,7 +80,7 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     owners: dict[str, list[str]] = {}
     docs: dict[str, str] = {}
     for name, (cls, _) in METHODS.items():
-        comments = _field_comments(cls)
+        comments = _field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name not in train_fields:
                 owners.setdefault(f.name, []).append(name)
@@ -125,7 +125,7 @@ def _zero_shot_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("zero-shot: the task's hand-written prompt, nothing trained (instead of RUN)")
     group.add_argument("--zero-shot", action="store_true",
                        help="score the task template's label words with the frozen LM (verbalizer)")
-    notes = _field_comments(TrainConfig)
+    notes = _field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ZERO_SHOT_FIELDS:
             text = f"{TRAIN_HELP.get(f.name) or notes.get(f.name, '')} (default {f.default})"

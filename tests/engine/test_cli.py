@@ -107,3 +107,16 @@ def test_method_options_mean_one_thing(capsys):
         main(["train", "--method", "lora", "--dropout", "0.1"])
     assert main(["train", "--method", "lora", "--encoder-dropout", "0.1", "--max-steps", "1"]) == 2
     assert "lora: unknown option(s) ['encoder_dropout']" in capsys.readouterr().err
+
+
+def test_every_option_has_help_from_its_field_docstring():
+    """--help is generated from the config fields' docstrings: a new option without a description fails here."""
+    import dataclasses
+
+    from ptune.cli import _field_docs
+    from ptune.engine.config import TrainConfig
+    from ptune.methods import METHODS
+
+    for cls in [TrainConfig] + [c for c, _ in METHODS.values()]:
+        docs = _field_docs(cls)
+        assert [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)] == [], cls.__name__

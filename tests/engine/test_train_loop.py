@@ -117,3 +117,21 @@ def test_early_stopping(tiny_model_dir, toy_task, tmp_path):
                   early_stopping_patience=2))
     assert s["steps"] < 20 * 5
     assert torch.isfinite(torch.tensor(s["best_validation_accuracy"]))
+
+
+def test_a_run_is_scored_at_the_precision_it_trained_at(tiny_model_dir, toy_task, tmp_path):
+    """`ptune eval` reproduces the run's own test metrics: a bf16-autocast run is scored under bf16 autocast."""
+    from ptune.engine import Run
+    from ptune.engine.build import encode_records
+    from ptune.engine.evaluate import predict_logits
+
+    s = train(cfg(tiny_model_dir, toy_task, tmp_path / "bf", precision="bf16", epochs=1))
+    run = Run(tmp_path / "bf")
+    assert run.evaluate("test") == s["test"]
+    examples = encode_records(run.task, run.encoder, run.splits["test"])
+    rows = lambda **kw: predict_logits(run.model, examples, batch_size=64, pad_id=0, **kw)  # noqa: E731
+    scored = rows(autocast=run.autocast)  # what Run.evaluate scores with
+    bf16 = rows(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    fp32 = rows()
+    assert all(torch.equal(scored[i], bf16[i]) for i in bf16)
+    assert not all(torch.equal(fp32[i], bf16[i]) for i in bf16)

@@ -24,44 +24,82 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "minilm"  # demo name (minilm, gemma), local folder or hub id
-    task: str = "bbc"  # built-in task name (bbc, wnut, lama-*) or a task YAML file
-    train_file: str | None = None  # data files (csv, jsonl, json, parquet, conll, datasets folder, hub name)
+    model: str = "minilm"
+    """demo name (minilm, gemma), local folder or hub id"""
+    task: str = "bbc"
+    """built-in task name (bbc, wnut, lama-*) or a task YAML file"""
+    train_file: str | None = None
+    """data files (csv, jsonl, json, parquet, conll, datasets folder, hub name)"""
     validation_file: str | None = None
+    """validation data file (scored after every epoch or --eval-every steps; the best adapter is kept by it)"""
     test_file: str | None = None
-    method: str = "p_tuning_v2"  # prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | ...
-    method_options: dict = field(default_factory=dict)  # options of the method's config
-    head: str = "auto"  # auto: the task's own head; or one of the same label form (e.g. verbalizer for classification)
-    pooling: str = "auto"  # classification pooling: auto | cls | pooler | mean | last
-    template: str | None = None  # task template override, e.g. "{text} It is about {mask}."
-    max_length: int | None = None  # default: the task's
+    """test data file (scored once, with the best adapter, at the end)"""
+    method: str = "p_tuning_v2"
+    """prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | ..."""
+    method_options: dict = field(default_factory=dict)
+    """options of the method's config"""
+    head: str = "auto"
+    """auto: the task's own head; or one of the same label form (e.g. verbalizer for classification)"""
+    pooling: str = "auto"
+    """classification pooling: auto | cls | pooler | mean | last"""
+    template: str | None = None
+    """task template override, e.g. "{text} It is about {mask}." """
+    max_length: int | None = None
+    """default: the task's"""
     epochs: float = 3.0
-    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    """passes over the training data (fractions allowed)"""
+    max_steps: int = 0
+    """> 0: stop after this many optimizer steps"""
     batch_size: int = 32
+    """training examples per optimizer step (before --grad-accum)"""
     eval_batch_size: int = 64
-    lr: float | None = None  # None: the method's default (prompts 1e-2..3e-2, LoRA 5e-4, full 3e-5)
+    """examples per batch when scoring"""
+    lr: float | None = None
+    """None: the method's default (prompts 1e-2..3e-2, LoRA 5e-4, full 3e-5)"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     scheduler: str = "linear"
+    """learning-rate schedule after warmup: linear | cosine | constant"""
     warmup_ratio: float = 0.06
+    """share of the steps spent warming the learning rate up from 0"""
     grad_accum: int = 1
+    """micro-batches accumulated into one optimizer step"""
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: bf16 autocast where the hardware has it
+    """gradient clipping norm; 0 = off"""
+    precision: str = "auto"
+    """auto: bf16 autocast where the hardware has it"""
     gradient_checkpointing: bool = False
-    quantize: str | None = None  # nf4 | int8 (bitsandbytes)
-    trust_remote_code: bool = False  # run model code shipped with a hub model (off: never)
-    allow_pickle: bool = False  # accept .bin/.pt base weights (read with weights_only=True)
-    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
-    save_every: int = 0  # steps between checkpoints; 0 = at each evaluation
-    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
-    limit_train: int = 0  # use only the first N training records (0 = all)
+    """recompute the base's activations in the backward pass (less memory, more time)"""
+    quantize: str | None = None
+    """nf4 | int8 (bitsandbytes)"""
+    trust_remote_code: bool = False
+    """run model code shipped with a hub model (off: never)"""
+    allow_pickle: bool = False
+    """accept .bin/.pt base weights (read with weights_only=True)"""
+    eval_every: int = 0
+    """steps between evaluations; 0 = once per epoch"""
+    save_every: int = 0
+    """steps between checkpoints; 0 = at each evaluation"""
+    early_stopping_patience: int = 0
+    """evaluations without improvement before stopping; 0 = off"""
+    limit_train: int = 0
+    """use only the first N training records (0 = all)"""
     limit_eval: int = 0
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    """score only the first N validation / test records (0 = all)"""
+    nan_policy: str = "stop"
+    """stop | skip: what a non-finite loss does"""
     log_every: int = 10
+    """steps between training-loss lines in metrics.jsonl"""
     seed: int = 13
+    """seed of the data splits, the batch order and the adapter's initialisation"""
     output_dir: str = "runs/default"
+    """run directory: config.json, metrics.jsonl, checkpoints/, best/, summary.json"""
     overwrite: bool = False
+    """replace an existing run directory"""
     resume: bool = False
+    """continue the run in --output-dir from its latest checkpoint"""
     progress: bool = True
+    """show a progress bar and per-evaluation lines"""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

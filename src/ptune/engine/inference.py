@@ -22,6 +22,7 @@ from ..models import load_tokenizer
 from .build import build_model, encode_records, load_task, make_encoder, model_is_encoder
 from .config import TrainConfig
 from .evaluate import decode_predictions, predict_logits, score
+from .loop import bf16_autocast, run_precision
 
 
 def _find_adapter(path: Path) -> tuple[Path, Path | None]:
@@ -59,6 +60,8 @@ class Run:
             raise PtuneError(f"{adapter_dir} records no task and has no run directory around it; "
                              "pass the run directory instead")
         self._splits: dict[str, list[dict]] | None = None
+        # score at the precision the run trained and reported its metrics at (bf16 autocast where it had it)
+        self.autocast = bf16_autocast if config is not None and run_precision(config) == "bf16" else None
         self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer,
                                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self._ready()
@@ -74,7 +77,7 @@ class Run:
         head = task.head if task.head in untrained else (cfg.head if cfg.head != "auto" else untrained[0])
         cfg = dataclasses.replace(cfg, method="manual", method_options={}, head=head)
         run = cls.__new__(cls)
-        run.path, run.config, run._data_config = None, cfg, cfg
+        run.path, run.config, run._data_config, run.autocast = None, cfg, cfg, None  # zero-shot: fp32
         run.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         encoder = model_is_encoder(cfg)
         run.task, run._splits = head_kind(head).resolve_labels(task, splits, run.tokenizer, causal=not encoder, log=log)
@@ -109,7 +112,7 @@ class Run:
             raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
         examples = encode_records(self.task, self.encoder, records[:limit or None], kind=self.kind)
         rows = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
-                              pad_id=self.encoder.placeholder_id)
+                              pad_id=self.encoder.placeholder_id, autocast=self.autocast)
         return score(self.task, examples, rows)
 
     def predict(self, texts: list[str] | list[dict]) -> list[dict[str, Any]]:
@@ -120,7 +123,7 @@ class Run:
             task.validate_record(r, f"input {i + 1}", allow_unlabeled=True)
         examples = encode_records(task, self.encoder, records, labelled=False, kind=self.kind)
         rows = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
-                              pad_id=self.encoder.placeholder_id)
+                              pad_id=self.encoder.placeholder_id, autocast=self.autocast)
         preds = decode_predictions(task, examples, rows)
         return [self.kind.result(task, rec, pred, rows[i]) for i, (rec, pred) in enumerate(zip(records, preds))]
 

@@ -49,6 +49,16 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+def run_precision(cfg: TrainConfig) -> str:
+    """accelerate's mixed_precision for a run: "bf16" (autocast) or "no"."""
+    return "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available()) else "no"
+
+
+def bf16_autocast() -> Any:
+    """bf16 autocast on the device the run scores on (what accelerate's autocast() gives a bf16 run)."""
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
 def bf16_available() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -89,7 +99,7 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         cfg = self.cfg
-        self.precision = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available()) else "no"
+        self.precision = run_precision(cfg)
         # a second train() in one process (notebooks, tests) may ask for another precision; accelerate
         # keeps one global state, so start it afresh (the process group, if any, is kept)
         AcceleratorState._reset_state(reset_partial_state=False)

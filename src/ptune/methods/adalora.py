@@ -52,18 +52,30 @@ class AdaLoraConfig:
     method: ClassVar[str] = "adalora"
     renamed: ClassVar[dict[str, str]] = {"dropout": "lora_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-3  # learning rate when --lr is not given
-    init_r: int = 12  # starting rank per layer
-    target_r: int = 8  # average rank per layer at the end
-    alpha: float = 32.0  # PEFT's lora_alpha; the update is scaled by alpha / init_r
-    lora_dropout: float = 0.0  # dropout on the update's input (PEFT's lora_dropout)
-    target_modules: tuple[str, ...] | None = None  # as LoRA's: suffixes, "re:<regex>", "all-linear"
-    tinit: int = 0  # warm-up steps at the full budget
-    tfinal: int = 0  # final steps with the rank pattern fixed
-    deltaT: int = 1  # steps between budget reallocations
-    beta1: float = 0.85  # EMA factor of the sensitivity
-    beta2: float = 0.85  # EMA factor of its uncertainty
-    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty
-    total_step: int | None = None  # None: the training loop tells the adapter (set_total_steps)
+    init_r: int = 12
+    """starting rank per layer"""
+    target_r: int = 8
+    """average rank per layer at the end"""
+    alpha: float = 32.0
+    """PEFT's lora_alpha; the update is scaled by alpha / init_r"""
+    lora_dropout: float = 0.0
+    """dropout on the update's input (PEFT's lora_dropout)"""
+    target_modules: tuple[str, ...] | None = None
+    """as LoRA's: suffixes, "re:<regex>", "all-linear" """
+    tinit: int = 0
+    """warm-up steps at the full budget"""
+    tfinal: int = 0
+    """final steps with the rank pattern fixed"""
+    deltaT: int = 1
+    """steps between budget reallocations"""
+    beta1: float = 0.85
+    """EMA factor of the sensitivity"""
+    beta2: float = 0.85
+    """EMA factor of its uncertainty"""
+    orth_reg_weight: float = 0.5
+    """weight of the orthogonality penalty"""
+    total_step: int | None = None
+    """None: the training loop tells the adapter (set_total_steps)"""
 
     def __post_init__(self) -> None:
         ints = (self.init_r, self.target_r, self.tinit, self.tfinal, self.deltaT)

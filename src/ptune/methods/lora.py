@@ -66,10 +66,14 @@ class LoraConfig:
     method: ClassVar[str] = "lora"
     renamed: ClassVar[dict[str, str]] = {"dropout": "lora_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 5e-4  # learning rate when --lr is not given
-    r: int = 8  # rank of the update
-    alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
-    lora_dropout: float = 0.0  # dropout on the LoRA branch's input (PEFT's lora_dropout)
-    target_modules: tuple[str, ...] | None = None  # suffixes, "re:<regex>" or "all-linear"; None: per architecture
+    r: int = 8
+    """rank of the update"""
+    alpha: float = 16.0
+    """scaling numerator: the update is multiplied by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch's input (PEFT's lora_dropout)"""
+    target_modules: tuple[str, ...] | None = None
+    """suffixes, "re:<regex>" or "all-linear"; None: per architecture"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:

@@ -30,18 +30,30 @@ class PTuningConfig:
     method: ClassVar[str] = "p_tuning"
     renamed: ClassVar[dict[str, str]] = {"dropout": "encoder_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
-    template: str | None = None  # with [P:n] markers; None: "[P:num_virtual_tokens]" before the task template
-    num_virtual_tokens: int = 10  # used only when template is None
-    encoder: str = "lstm"  # lstm | mlp | none
-    encoder_hidden_size: int | None = None  # default: the model's hidden size (lstm: half of it per direction)
-    encoder_num_layers: int = 2  # LSTM layers, or linear layers of the MLP
+    template: str | None = None
+    """with [P:n] markers; None: "[P:num_virtual_tokens]" before the task template"""
+    num_virtual_tokens: int = 10
+    """used only when template is None"""
+    encoder: str = "lstm"
+    """lstm | mlp | none"""
+    encoder_hidden_size: int | None = None
+    """default: the model's hidden size (lstm: half of it per direction)"""
+    encoder_num_layers: int = 2
+    """LSTM layers, or linear layers of the MLP"""
     residual: bool = False
+    """add the encoder's input to its output"""
     layer_norm: bool = False
-    encoder_dropout: float = 0.0  # on the prompt encoder's input, and between its LSTM layers
-    init: str = "random"  # random | vocab | text | labels, for the encoder inputs
+    """LayerNorm on the encoder's output"""
+    encoder_dropout: float = 0.0
+    """on the prompt encoder's input, and between its LSTM layers"""
+    init: str = "random"
+    """random | vocab | text | labels, for the encoder inputs"""
     init_text: str | None = None
+    """the words whose embeddings start the prompt (init="text")"""
     num_tasks: int = 1
+    """prompts stored side by side, selected per row by task_ids"""
     seed: int = 0
+    """seed of the prompt's initialisation"""
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:

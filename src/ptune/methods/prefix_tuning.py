@@ -64,12 +64,18 @@ class PrefixTuningConfig:
     method: ClassVar[str] = "prefix_tuning"
     renamed: ClassVar[dict[str, str]] = {"dropout": "prefix_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
-    num_virtual_tokens: int = 20  # prefix length P per layer
-    prefix_projection: bool = True  # reparameterize through an MLP (prefix tuning); False = P-Tuning v2
-    encoder_hidden_size: int = 512  # MLP hidden size when prefix_projection
-    prefix_dropout: float = 0.0  # on the prefix keys/values (P-Tuning v2 uses the model's hidden dropout)
+    num_virtual_tokens: int = 20
+    """prefix length P per layer"""
+    prefix_projection: bool = True
+    """reparameterize through an MLP (prefix tuning); False = P-Tuning v2"""
+    encoder_hidden_size: int = 512
+    """MLP hidden size when prefix_projection"""
+    prefix_dropout: float = 0.0
+    """on the prefix keys/values (P-Tuning v2 uses the model's hidden dropout)"""
     num_tasks: int = 1
+    """prompts stored side by side, selected per row by task_ids"""
     seed: int = 0
+    """seed of the prompt's initialisation"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:

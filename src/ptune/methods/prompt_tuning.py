@@ -53,11 +53,16 @@ def _check_common(cfg: Any) -> None:
 class PromptTuningConfig:
     method: ClassVar[str] = "prompt_tuning"
     default_lr: ClassVar[float] = 3e-2  # learning rate when --lr is not given
-    num_virtual_tokens: int = 20  # soft tokens prepended to the task template
-    init: str = "random"  # random | vocab | text | labels
-    init_text: str | None = None  # for init="text"
-    num_tasks: int = 1  # prompts stored side by side, selected per row by task_ids
-    seed: int = 0  # for random / vocab init
+    num_virtual_tokens: int = 20
+    """soft tokens prepended to the task template"""
+    init: str = "random"
+    """random | vocab | text | labels"""
+    init_text: str | None = None
+    """for init="text" """
+    num_tasks: int = 1
+    """prompts stored side by side, selected per row by task_ids"""
+    seed: int = 0
+    """for random / vocab init"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:

@@ -27,7 +27,8 @@ class QLoraConfig(LoraConfig):
     """LoRA on a 4-bit NF4 base (load it with ``quantize="nf4"`` / ``--quantize nf4``)."""
 
     method: ClassVar[str] = "qlora"
-    target_modules: tuple[str, ...] | None = (ALL_LINEAR,)  # every linear layer but the output head
+    target_modules: tuple[str, ...] | None = (ALL_LINEAR,)
+    """every linear layer but the output head"""
 
 
 def apply_qlora(base: nn.Module, config: QLoraConfig, **kwargs: Any) -> LoraAdapter:
