@@ -102,6 +102,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig.from_dict({**plain, "method_options": options})
     summary = train(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch the closing lines are said once
+        return 0
     key = next(k for k in summary if k.startswith("best_validation_"))
     print(f"ptune: done. {key.replace('_', ' ')} = {summary[key]:.4f} (step {summary['best_step']})")
     if summary.get("test"):

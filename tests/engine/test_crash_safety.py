@@ -12,6 +12,7 @@ import time
 
 from ptune.api import load_adapter
 from ptune.engine.checkpoint import latest_checkpoint
+from ptune.engine.run_dir import OWNER_NAME
 
 KILL_TRIALS = 10
 
@@ -35,7 +36,7 @@ def test_sigkill_then_resume(tiny_model_dir, toy_task, tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "run"
     rng = random.Random(0)
-    checked = 0
+    checked = stale_locks = 0
     for trial in range(KILL_TRIALS):
         extra = ("--resume",) if latest_checkpoint(run) is not None else ("--overwrite",)
         proc = subprocess.Popen(_cmd(tiny_model_dir, toy_task, run, *extra), env=env,
@@ -50,13 +51,16 @@ def test_sigkill_then_resume(tiny_model_dir, toy_task, tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # a killed run leaves its lock owner note behind; the OS lock went with the process, so the
+        # next --resume (the next trial) takes the directory without waiting
+        stale_locks += (run / OWNER_NAME).exists()
         ckpt = latest_checkpoint(run)
         if ckpt is not None:  # whatever moment the kill hit, the checkpoint the pointer names is whole
             state = json.loads((ckpt / "trainer_state.json").read_text())
             assert state["step"] >= 1
             load_adapter(ckpt, base=_tiny_base(tiny_model_dir))
             checked += 1
-    assert checked == KILL_TRIALS
+    assert checked == KILL_TRIALS and stale_locks >= 1
     final = subprocess.run(_cmd(tiny_model_dir, toy_task, run, "--resume"), env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-2000:]
     got = json.loads((run / "summary.json").read_text())

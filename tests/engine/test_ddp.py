@@ -27,6 +27,8 @@ def test_two_process_ddp_matches_single(tiny_model_dir, toy_task, tmp_path):
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ptune.cli", "train", *common,
                           "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for line in ("ptune: done.", "ptune: adapter:", "ptune: metrics:"):  # the main process alone says it
+        assert ddp.stdout.count(line) == 1, ddp.stdout
 
     def read(name):
         rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]

@@ -98,6 +98,8 @@ class TrainConfig:
     """replace an existing run directory"""
     resume: bool = False
     """continue the run in --output-dir from its latest checkpoint"""
+    allow_changes: bool = False
+    """with --resume: accept a changed learning rate, schedule, weight decay or clipping (recorded in the history)"""
     progress: bool = True
     """show a progress bar and per-evaluation lines"""
 
@@ -131,6 +133,7 @@ class TrainConfig:
             (self.head == "auto" or self.head in HEAD_KINDS, "head", self.head,
              f"auto or a head kind: {', '.join(HEAD_KINDS)}"),
             (not (self.overwrite and self.resume), "overwrite", self.overwrite, "not combined with resume"),
+            (self.resume or not self.allow_changes, "allow_changes", self.allow_changes, "used with resume only"),
         ]
         for ok, name, value, want in checks:
             if not ok:

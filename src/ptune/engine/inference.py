@@ -8,7 +8,6 @@ head, template, method, task); the run's ``config.json`` is read only for where 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from .build import build_model, encode_records, load_task, make_encoder, model_i
 from .config import TrainConfig
 from .evaluate import decode_predictions, predict_logits, score
 from .loop import bf16_autocast, run_precision
+from .run_dir import read_run_config
 
 
 def _find_adapter(path: Path) -> tuple[Path, Path | None]:
@@ -47,7 +47,7 @@ class Run:
         path = Path(path)
         adapter_dir, run_dir = _find_adapter(path)
         spec = read_spec(adapter_dir)
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) if run_dir else None
+        config = read_run_config(run_dir) if run_dir else None
         self.path = path
         self._data_config = config
         self.config = config or TrainConfig(model=spec.base.name, progress=False)

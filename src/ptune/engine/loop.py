@@ -32,7 +32,8 @@ from .build import build_model, encode_records, load_run_tokenizer, load_task, m
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import main_metric, make_batch, predict_logits, score
-from .trainer_state import MetricsLog, TrainState, prepare_run_dir
+from .run_dir import RunDirectory
+from .trainer_state import MetricsLog, TrainState
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -90,8 +91,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self._start_accelerator()
-        self._load_task_model_and_data()
-        self._make_optimizer()
+        try:
+            self._load_task_model_and_data()
+            self._make_optimizer()
+        except BaseException:  # refused while setting up (bad data, a model that will not load): leave nothing
+            self.directory.close(discard=self.directory.created)
+            raise
         self.state = TrainState()
 
     def _start_accelerator(self) -> None:
@@ -105,7 +110,8 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
         self.is_main = self.acc.is_main_process
-        self.run_dir = prepare_run_dir(cfg, self.is_main)
+        self.directory = RunDirectory(cfg, self.is_main).open()  # locked until train() returns
+        self.run_dir = self.directory.path
         self.acc.wait_for_everyone()
 
     def _load_task_model_and_data(self) -> None:
@@ -122,7 +128,7 @@ class Trainer:
         self.val_ex = encode_records(self.task, self.encoder, self.splits["validation"][:cfg.limit_eval or None])
         self.pad_id = self.encoder.placeholder_id
         if self.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            self.directory.write_record()
             print(f"ptune: {self.model.describe()}; template {self.model.template.source!r}; {len(self.train_ex)} "
                   f"train / {len(self.val_ex)} validation examples; precision {self.precision}", flush=True)
 
@@ -146,6 +152,7 @@ class Trainer:
             self.state = TrainState.from_dict(saved)
             if self.is_main:
                 print(f"ptune: resumed from step {self.state.step}", flush=True)
+        self.checkpointed_step = self.state.step if self.cfg.resume else None
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main,
                               self.state.step if self.cfg.resume else None)
 
@@ -295,10 +302,15 @@ class Trainer:
             tmp = self.run_dir / ".best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             save_adapter(self.inner, tmp)
-            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+            old = self.run_dir / ".best.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if (self.run_dir / "best").exists():  # moved aside, not deleted, until the new one is in place
+                os.replace(self.run_dir / "best", old)
             os.replace(tmp, self.run_dir / "best")
+            shutil.rmtree(old, ignore_errors=True)
 
     def checkpoint(self) -> None:
+        self.checkpointed_step = self.state.step
         if self.is_main:
             save_checkpoint(self.run_dir, self.inner, self.optimizer,
                             {**self.state.to_dict(), "scheduler": self.scheduler.state_dict()})
@@ -309,6 +321,8 @@ class Trainer:
         cfg, st, run_dir = self.cfg, self.state, self.run_dir
         if st.best_step is None:  # ended before any evaluation (max_steps inside the first epoch)
             self.evaluate_and_checkpoint()
+        if self.checkpointed_step != st.step:  # a later --resume starts from the end
+            self.checkpoint()
         st.train_seconds += time.perf_counter() - self.t0
         test_metrics, test_ex = None, []
         if "test" in self.splits:  # the best adapter on held-out data
@@ -343,7 +357,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.method == "manual":
         raise ConfigError("method manual trains nothing: evaluate the hand-written prompt with "
                           "`ptune eval --zero-shot --model M --task T` (Python: ptune.engine.evaluate_zero_shot)")
-    trainer = Trainer(cfg)  # accelerator, run directory, task, model, data, optimizer, scheduler
-    trainer.resume()
-    trainer.fit()
-    return trainer.finish()
+    trainer = Trainer(cfg)  # accelerator, run directory (locked), task, model, data, optimizer, scheduler
+    try:
+        trainer.resume()
+        trainer.fit()
+        return trainer.finish()
+    finally:
+        trainer.directory.close()

@@ -1,17 +1,12 @@
-"""A run's record on disk: its directory, its counters (``trainer_state.json`` in each checkpoint)
-and its metrics log (``metrics.jsonl``)."""
+"""A run's counters (``trainer_state.json`` in each checkpoint) and its metrics log (``metrics.jsonl``);
+the directory itself is :mod:`ptune.engine.run_dir`'s."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-from ..errors import PtuneError
-from .checkpoint import latest_checkpoint
-from .config import TrainConfig
 
 
 @dataclass
@@ -39,20 +34,6 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path:
-    run_dir = Path(cfg.output_dir)
-    if is_main and run_dir.exists() and any(run_dir.iterdir()):
-        if cfg.overwrite:
-            shutil.rmtree(run_dir)
-        elif not cfg.resume:
-            raise PtuneError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                             "replace it, or choose another --output-dir")
-    if cfg.resume and latest_checkpoint(run_dir) is None:
-        raise PtuneError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start fresh")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 class MetricsLog:
