@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from conftest import VOCAB, liven, tiny_base
+from test_shared_checks import PLAIN_HEADS
 
 import ptune
 from ptune.batching import collate
@@ -34,13 +35,7 @@ METHODS = {
     "prefix_tuning": lambda tpl: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
 }
 
-HEADS = {
-    "bert": ("classification", "tagging", "verbalizer"),
-    "roberta": ("classification", "tagging"),
-    "gpt2": ("classification", "tagging", "verbalizer", "causal_lm"),
-    "llama": ("classification", "tagging", "verbalizer", "causal_lm"),
-    "gemma3": ("classification", "tagging", "causal_lm"),
-}
+HEADS = PLAIN_HEADS
 
 CASES = [(m, a, h) for a, heads in HEADS.items() for h in heads for m in METHODS]
 

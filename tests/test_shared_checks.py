@@ -38,14 +38,14 @@ METHODS = {
     "full": lambda: ptune.FullFinetuneConfig(),
     "qlora": lambda: ptune.QLoraConfig(r=2),
 }
-HEADS = {
+PLAIN_HEADS = {  # the heads each tiny architecture can carry (test_methods_matrix.py shares this table)
     "bert": ("classification", "tagging", "verbalizer"),
     "roberta": ("classification", "tagging"),
     "gpt2": ("classification", "tagging", "verbalizer", "causal_lm"),
     "llama": ("classification", "tagging", "verbalizer", "causal_lm"),
     "gemma3": ("classification", "tagging", "causal_lm"),
-    "llama64": ("classification", "causal_lm"),  # 4-bit cases: linear layers whole NF4 blocks wide
 }
+HEADS = {**PLAIN_HEADS, "llama64": ("classification", "causal_lm")}  # 4-bit cases: whole NF4 blocks wide
 NO_BIAS = {"llama", "gemma3", "llama64"}  # built without bias terms: BitFit is refused there by design
 
 
