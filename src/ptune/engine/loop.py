@@ -50,6 +50,17 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+def refuse_sharding_without_gpu() -> None:
+    """accelerate shards (FSDP, DeepSpeed) on GPUs only: on a CPU-only machine an FSDP launch config
+    silently becomes plain DDP (checked: the model comes back wrapped in DistributedDataParallel, and
+    its losses differ from a DDP launch's), so say so instead of training under another engine."""
+    for engine, name in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
+            raise ConfigError(f"{name} needs GPUs and this machine has "
+                              "none (accelerate would fall back to plain data parallelism); on CPU launch with "
+                              "configs/accelerate/ddp_cpu_2proc.yaml")
+
+
 def run_precision(cfg: TrainConfig) -> str:
     """accelerate's mixed_precision for a run: "bf16" (autocast) or "no"."""
     return "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available()) else "no"
@@ -104,6 +115,7 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         cfg = self.cfg
+        refuse_sharding_without_gpu()
         self.precision = run_precision(cfg)
         # a second train() in one process (notebooks, tests) may ask for another precision; accelerate
         # keeps one global state, so start it afresh (the process group, if any, is kept)
