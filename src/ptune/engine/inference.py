@@ -71,10 +71,13 @@ class Run:
         """The task's template scored by the frozen LM through a verbalizer; nothing is trained."""
         task, splits = load_task(cfg, need_train=False)
         untrained = [name for name, k in HEAD_KINDS.items() if not k.new_weights and k.label_form == task.kind.label_form]
-        if cfg.head != "auto" and cfg.head not in untrained or not untrained:
+        if cfg.head != "auto":
+            head = cfg.head
+        else:  # the task's own head when it needs no training (probing), else the first that fits its labels
+            head = task.head if task.head in untrained else next(iter(untrained), None)
+        if head not in untrained:
             raise ConfigError(f"zero-shot evaluation needs a head that adds no weights ({', '.join(untrained) or 'none'} "
                               f"for task {task.name}); head={cfg.head!r} would be an untrained layer")
-        head = task.head if task.head in untrained else (cfg.head if cfg.head != "auto" else untrained[0])
         cfg = dataclasses.replace(cfg, method="manual", method_options={}, head=head)
         run = cls.__new__(cls)
         run.path, run.config, run._data_config, run.autocast = None, cfg, cfg, None  # zero-shot: fp32
@@ -88,7 +91,8 @@ class Run:
     def _ready(self) -> None:
         self.model.eval()
         self.kind = head_kind(self.model.head_config.kind)
-        self.encoder = make_encoder(self.model, self.tokenizer, self.config.max_length or self.model.spec.max_length
+        # the spec's max length; format-1 adapters have none, so the run's options or the task's decide
+        self.encoder = make_encoder(self.model, self.tokenizer, self.model.spec.max_length or self.config.max_length
                                     or self.task.max_length)
 
     @property

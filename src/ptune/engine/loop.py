@@ -28,7 +28,7 @@ from ..batching import length_grouped_order
 from ..methods.base import TrainingHooks
 from ..quantize import make_optimizer
 from ..errors import ConfigError, PtuneError, TrainingInterrupted
-from .build import build_model, encode_records, load_run_tokenizer, load_task, make_encoder
+from .build import build_model, encode_records, load_run_tokenizer, load_task, make_encoder, model_is_encoder
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import main_metric, make_batch, predict_logits, score
@@ -131,10 +131,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         tokenizer = load_run_tokenizer(cfg)
         say = (lambda line: print(f"ptune: {line}", flush=True)) if cfg.progress and self.is_main else None
-        self.task, self.splits = load_task(cfg, tokenizer, log=say)
+        encoder = model_is_encoder(cfg)  # read once: it decides label words and which class loads the base
+        self.task, self.splits = load_task(cfg, tokenizer, log=say, encoder_model=encoder)
         if "validation" not in self.splits:
             raise ConfigError(f"task {self.task.name} has no validation data; pass --validation-file")
-        self.model = build_model(cfg, self.task, tokenizer)
+        self.model = build_model(cfg, self.task, tokenizer, encoder_model=encoder)
         self.encoder = make_encoder(self.model, tokenizer, cfg.max_length or self.task.max_length)
         self.train_ex = encode_records(self.task, self.encoder, self.splits["train"][:cfg.limit_train or None])
         self.val_ex = encode_records(self.task, self.encoder, self.splits["validation"][:cfg.limit_eval or None])
