@@ -30,52 +30,86 @@ from .methods import method_entry
 from .methods.base import PeftExportable, ReloadHook
 from .model import PtuneModel
 from .models import LOAD_OPTIONS, arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
-from .spec import FORMAT_VERSION, BaseSpec, RunSpec
+from .spec import FORMAT_VERSION, BaseSpec, RunSpec, spec_from_dict
 from .templates import Template
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def base_spec_of(base: nn.Module, kind: str) -> BaseSpec:
+    """What a spec records about ``base``: its name, how ``load_base`` loaded it (``kind`` when it did
+    not), encoder or decoder, and its fingerprint (taken before a method wraps any layer)."""
+    facts = arch_facts(base)
+    loaded = LOAD_OPTIONS.get(base, {})
+    fp = fingerprint(base)
+    return BaseSpec(name=fp.get("name", ""), kind=loaded.get("kind") or kind, is_encoder=facts.is_encoder,
+                    quantize=loaded.get("quantize"), trust_remote_code=bool(loaded.get("trust_remote_code")),
+                    allow_pickle=bool(loaded.get("allow_pickle")), fingerprint=fp)
+
+
+def resolve_spec(base_spec: BaseSpec, config: Any, *, head: HeadConfig, template: str | None, tokenizer: Any,
+                 labels: Sequence[str], label_words: Sequence[str] | None, task: Any, max_length: int | None,
+                 ensemble: int = 1) -> RunSpec:
+    """One task's spec: the template with the method's virtual tokens, the head resolved against the
+    tokenizer (a verbalizer's label word ids)."""
+    kind = head_kind(head.kind)
+    words = list(label_words) if label_words else list(labels)
+    resolved = config.template_for(Template.parse(template or kind.default_template()))
+    head = kind.resolve(head, resolved, tokenizer=tokenizer, label_words=words, causal=not base_spec.is_encoder)
+    return RunSpec(base=base_spec, method_config=config, head=head, template=resolved, labels=tuple(labels),
+                   label_words=tuple(words), task=task, max_length=max_length, ensemble=ensemble)
+
+
+def attach_adapter(base: nn.Module, spec: RunSpec, tokenizer: Any) -> Any:
+    """Freeze ``base`` and put the spec's method on it; returns the adapter."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    _, apply_fn = method_entry(spec.method)
+    return apply_fn(base, spec.method_config, template=spec.template, tokenizer=tokenizer,
+                    label_words=list(spec.label_words) or None)
+
+
+def build_head(spec: RunSpec, base: nn.Module) -> nn.Module:
+    facts = arch_facts(base)
+    return head_kind(spec.head.kind).build(spec.head, base, facts.hidden_size, facts.is_encoder)
+
+
 def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, template: str | None = None,
           tokenizer: Any = None, labels: Sequence[str] = (), label_words: Sequence[str] | None = None,
-          task: Any = None, max_length: int | None = None) -> PtuneModel:
+          task: Any = None, max_length: int | None = None, ensemble: int = 1) -> PtuneModel:
     """Freeze ``base``, attach the method in ``config`` and a head; returns the trainable model.
 
     ``template``: the task template (the head's default: ``{text}``, or ``{text} {mask}`` for a
     verbalizer); prompt methods add their virtual tokens to it (prompt tuning prepends ``[P:n]``;
     P-Tuning may bring its own). ``label_words``: the words a verbalizer scores, in label order
     (default: the labels themselves). ``task`` / ``max_length`` are recorded in the model's spec
-    (the engine passes them, so a saved run can be used without its task file).
+    (the engine passes them, so a saved run can be used without its task file). ``ensemble`` K > 1:
+    a prompt ensemble over the method's K prompt tables (``config.num_tasks`` must be K).
     """
     head = head or HeadConfig("classification", num_labels=len(labels) or 2)
-    kind = head_kind(head.kind)
-    words = list(label_words) if label_words else list(labels)
-    facts = arch_facts(base)
-    loaded = LOAD_OPTIONS.get(base, {})
-    fp = fingerprint(base)  # before the method wraps any layer
-    base_spec = BaseSpec(name=fp.get("name", ""), kind=loaded.get("kind") or kind.base_kind(facts.is_encoder),
-                         is_encoder=facts.is_encoder, quantize=loaded.get("quantize"),
-                         trust_remote_code=bool(loaded.get("trust_remote_code")),
-                         allow_pickle=bool(loaded.get("allow_pickle")), fingerprint=fp)
-    task_template = Template.parse(template or kind.default_template())
-    resolved = config.template_for(task_template)
-    head = kind.resolve(head, resolved, tokenizer=tokenizer, label_words=words, causal=not facts.is_encoder)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    _, apply_fn = method_entry(config.method)
-    adapter = apply_fn(base, config, template=resolved, tokenizer=tokenizer, label_words=words or None)
-    module = kind.build(head, base, facts.hidden_size, facts.is_encoder)
-    spec = RunSpec(base=base_spec, method_config=config, head=head, template=resolved, labels=tuple(labels),
-                   label_words=tuple(words), task=task, max_length=max_length)
-    return PtuneModel(base, adapter, module, spec)
+    if ensemble > 1 and getattr(config, "num_tasks", 1) != ensemble:
+        raise ConfigError(f"an ensemble of {ensemble} needs a method config with num_tasks={ensemble} "
+                          f"(got {getattr(config, 'num_tasks', None)})")
+    base_spec = base_spec_of(base, head_kind(head.kind).base_kind(arch_facts(base).is_encoder))
+    spec = resolve_spec(base_spec, config, head=head, template=template, tokenizer=tokenizer, labels=labels,
+                        label_words=label_words, task=task, max_length=max_length, ensemble=ensemble)
+    adapter = attach_adapter(base, spec, tokenizer)
+    return PtuneModel(base, adapter, build_head(spec, base), spec)
 
 
-def from_spec(spec: RunSpec, base: nn.Module, tokenizer: Any = None) -> PtuneModel:
-    """A fresh model (untrained adapter) built from a resolved spec on ``base``."""
+def from_spec(spec: Any, base: nn.Module, tokenizer: Any = None) -> PtuneModel:
+    """A fresh model (untrained adapter) built from a resolved spec on ``base`` (a multi-task spec
+    gives a :class:`ptune.multitask.MultiTaskModel`)."""
+    from .spec import MultiTaskSpec
+
+    if isinstance(spec, MultiTaskSpec):
+        from .multitask import multitask_from_spec
+
+        return multitask_from_spec(spec, base, tokenizer)
     return apply(base, spec.method_config, head=spec.head, template=spec.template.source, tokenizer=tokenizer,
                  labels=spec.labels, label_words=spec.label_words or None, task=spec.task,
-                 max_length=spec.max_length)
+                 max_length=spec.max_length, ensemble=spec.ensemble)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -126,12 +160,13 @@ def check_fingerprint(saved: dict, base: nn.Module) -> None:
             f"(differs in {', '.join(diff)}); load it onto the model it was trained on")
 
 
-def read_spec(path: str | Path) -> RunSpec:
-    """The resolved spec saved with an adapter (format 1 or 2)."""
-    return RunSpec.from_dict(read_adapter_config(path), str(path))
+def read_spec(path: str | Path) -> Any:
+    """The resolved spec saved with an adapter: a :class:`RunSpec` (formats 1-3), or a
+    :class:`MultiTaskSpec` for an adapter trained on several tasks."""
+    return spec_from_dict(read_adapter_config(path), str(path))
 
 
-def load_base_for(spec: RunSpec, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+def load_base_for(spec: Any, *, trust_remote_code: bool = False, allow_pickle: bool = False,
                   base_name: str | None = None) -> nn.Module:
     """Load the base a spec names, the way it was loaded for training (quantization included).
 

@@ -19,7 +19,9 @@ import yaml
 
 TRAIN_HELP = {
     "model": "base model: demo name (minilm, gemma), local folder or hub id",
-    "task": "built-in task (bbc, wnut, lama-capital, lama-city-country, lama-continent) or a task YAML file",
+    "task": "built-in task (bbc, wnut, lama-capital, lama-city-country, lama-continent) or a task YAML file; "
+            "several comma-separated (bbc,wnut) train one multi-task adapter; with a run (eval/predict): one task "
+            "of a multi-task run",
     "method": "prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | adalora | qlora | bitfit | full",
     "template": "prompt template, e.g. '[P:3] {text} [P:2] capital [P:1] {mask}'",
     "output_dir": "run directory (config, metrics.jsonl, checkpoints, best adapter)",
@@ -148,10 +150,11 @@ def _open_run(args: argparse.Namespace) -> Any:
         raise ConfigError("give either a run directory or --zero-shot (with --model and --task), not both")
     if args.run:
         consent = {k: options.pop(k) for k in RUN_CONSENT if k in options}
+        task = options.pop("task", None)  # with a run: one task of a multi-task run
         if options:
             raise ConfigError(f"{', '.join(_flag(k) for k in options)} only apply with --zero-shot; "
                               "a run keeps the settings it was trained with")
-        return Run(args.run, **consent)
+        return Run(args.run, task=task, **consent)
     say = lambda line: print(f"ptune: {line}", file=sys.stderr)  # noqa: E731
     return Run.zero_shot(TrainConfig.from_dict(options), log=say)
 
@@ -175,7 +178,7 @@ def _predict(args: argparse.Namespace) -> int:
         inputs += load_records(args.file)
     if not inputs:
         raise ConfigError("give some text to label, or --file")
-    for result in run.predict(inputs):
+    for result in run.predict(inputs, vote=args.vote):
         if args.json:
             print(json.dumps(result))
         elif "tags" in result:
@@ -215,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("text", nargs="*", help="texts to label")
     pr.add_argument("--file", help="a data file of records to label")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--vote", choices=("mean", "majority"), default="mean",
+                    help="a prompt ensemble's answer: mean probability (default) or the members' majority label")
     pr.set_defaults(func=_predict)
     g = sub.add_parser("generate", help="continue prompts with a finished causal-LM run")
     g.add_argument("run", help="run directory")

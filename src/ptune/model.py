@@ -26,18 +26,22 @@ from .templates import Template
 class Output:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    members: torch.Tensor | None = None  # a prompt ensemble's members' logits (B, K, ...); logits is their mean
 
 
 class PtuneModel(nn.Module):
     """``base`` (frozen), ``adapter`` (the method's trainable part), ``head`` (a head kind's module) and
     ``spec``, the resolved facts it was built from (saved with the adapter, see :mod:`ptune.spec`)."""
 
-    def __init__(self, base: nn.Module, adapter: Adapter, head: nn.Module, spec: RunSpec) -> None:
+    def __init__(self, base: nn.Module, adapter: Adapter, head: nn.Module, spec: RunSpec, *,
+                 prompt_index: int = 0) -> None:
         super().__init__()
         self.base = base
         self.adapter = adapter
         self.head = head
         self.spec = spec
+        self.prompt_index = prompt_index  # the prompt table rows use when no task_ids are given (multi-task views)
+        self.member: int | None = None  # a prompt ensemble scored through one member only (see forward)
         self.base_dropout = adapter.trains_base  # see train()
         self._adapter_enabled = True
 
@@ -102,22 +106,47 @@ class PtuneModel(nn.Module):
         """The transformer body's last hidden states (B, T, d) with the adapter in place."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
         embeds = self.embed(input_ids, virtual_index, task_ids)
         extra = self._attention_kwargs(input_ids.shape[0], task_ids)
         out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False, **extra)
         return out.last_hidden_state
 
+    def table_ids(self, batch_size: int, task_ids: torch.Tensor | None, device: Any) -> torch.Tensor | None:
+        """The prompt table of each row: given, one ensemble member's, this view's, or None (table 0)."""
+        if task_ids is not None:
+            return task_ids
+        index = self.member if self.member is not None else self.prompt_index
+        return torch.full((batch_size,), index, dtype=torch.long, device=device) if index else None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, label_position: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **_: Any) -> Output:
+        """Scores (and the loss when ``labels`` are given).
+
+        A prompt ensemble of K members (``spec.ensemble``) repeats every row K times in the batch, one
+        copy per prompt table (Lester et al.: one forward pass, not K runs); the loss is the members'
+        mean, and ``logits`` are the log of the members' mean probabilities (``members`` holds each one's).
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        B, K = input_ids.shape[0], self.spec.ensemble
+        if K > 1 and task_ids is None and self.member is None and self._adapter_enabled:
+            rep = lambda t: t.repeat_interleave(K, dim=0) if t is not None else None  # noqa: E731
+            input_ids, attention_mask, virtual_index, label_position, position_ids, labels = map(
+                rep, (input_ids, attention_mask, virtual_index, label_position, position_ids, labels))
+            task_ids = torch.arange(K, device=input_ids.device).repeat(B)
+        task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
         hidden = self.hidden_states(input_ids, attention_mask, virtual_index, task_ids, position_ids)
         logits = self.head(hidden, {"attention_mask": attention_mask, "label_position": label_position})
         loss = self.head.loss(logits, labels) if labels is not None else None
-        return Output(logits, loss)
+        if logits.shape[0] == B:
+            return Output(logits, loss)
+        members = logits.float().view(B, K, *logits.shape[1:])
+        mean = members.log_softmax(-1).logsumexp(1) - torch.log(torch.tensor(float(K)))
+        return Output(mean, loss, members)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -129,6 +158,7 @@ class PtuneModel(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
         embeds = self.embed(input_ids, virtual_index, task_ids)
         extra = self._attention_kwargs(input_ids.shape[0], task_ids)
         handles = []

@@ -7,8 +7,10 @@ loaded (kind, quantization, remote code, pickle), the head with its label word i
 with its virtual tokens in place, the method config, the labels and, when trained through the
 engine, the task itself and its max length. Nothing is re-derived on load.
 
-Format 2 (this one) adds ``base`` (load options), ``task`` and ``max_length`` to format 1, which
-still loads: its base was always loaded unquantized, its task is rebuilt from the run's config.
+Format 2 adds ``base`` (load options), ``task`` and ``max_length`` to format 1, which still loads:
+its base was always loaded unquantized, its task is rebuilt from the run's config. Format 3 is
+written only by what format 2 cannot describe: a prompt ensemble (``ensemble``) and a multi-task
+adapter (:class:`MultiTaskSpec`: one base and method config, a list of per-task parts).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .errors import PtuneError
 from .heads import HeadConfig, head_kind
 from .templates import Template
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest format this ptune reads
+TASK_KEYS = ("head", "template", "labels", "label_words", "task", "max_length")  # per task in format 3
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class RunSpec:
     label_words: tuple[str, ...] = ()
     task: Any = None  # the Task, when the model was built for one (the engine always does)
     max_length: int | None = None  # tokens per input (default: the task's)
+    ensemble: int = 1  # prompt ensembling: K prompt tables, each row scored by all K, probabilities averaged
 
     @property
     def method(self) -> str:
@@ -64,7 +68,7 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         base = dataclasses.asdict(self.base)
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": 3 if self.ensemble > 1 else 2,
             "method": self.method,
             "method_config": dataclasses.asdict(self.method_config),
             "head": dataclasses.asdict(self.head),
@@ -75,6 +79,7 @@ class RunSpec:
             "base_model": self.base.fingerprint,
             "task": self.task.to_dict() if self.task is not None else None,
             "max_length": self.max_length,
+            **({"ensemble": self.ensemble} if self.ensemble > 1 else {}),
         }
 
     @classmethod
@@ -96,7 +101,71 @@ class RunSpec:
                        template=Template.parse(cfg["template"]), labels=tuple(cfg.get("labels", ())),
                        label_words=tuple(cfg.get("label_words") or ()),
                        task=Task.from_dict(task, f"{source} task") if task else None,
-                       max_length=cfg.get("max_length"))
+                       max_length=cfg.get("max_length"), ensemble=int(cfg.get("ensemble", 1)))
         except (KeyError, TypeError) as e:
             raise PtuneError(f"{source}: adapter config is incomplete or damaged ({type(e).__name__}: {e}); "
                              "save the adapter again") from e
+
+
+@dataclass(frozen=True)
+class MultiTaskSpec:
+    """One adapter trained on several tasks: each task's :class:`RunSpec` (one base, one method config)
+    and the prompt table its rows use (all 0 with a shared prompt, the task's index otherwise)."""
+
+    tasks: tuple[RunSpec, ...]
+    prompt_index: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        names = self.names
+        if len(set(names)) != len(names):
+            raise PtuneError(f"task names must differ within one multi-task adapter, got {list(names)}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.task.name for t in self.tasks)
+
+    @property
+    def base(self) -> BaseSpec:
+        return self.tasks[0].base
+
+    @property
+    def method_config(self) -> Any:
+        return self.tasks[0].method_config
+
+    @property
+    def method(self) -> str:
+        return self.method_config.method
+
+    @property
+    def share_prompt(self) -> bool:
+        return len(set(self.prompt_index)) == 1
+
+    def task(self, name: str) -> RunSpec:
+        if name not in self.names:
+            raise PtuneError(f"this adapter answers tasks {', '.join(self.names)}; {name!r} is not one of them")
+        return self.tasks[self.names.index(name)]
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = [t.to_dict() for t in self.tasks]
+        common = {k: v for k, v in parts[0].items() if k not in TASK_KEYS}
+        return {**common, "format_version": 3,
+                "tasks": [{**{k: p[k] for k in TASK_KEYS}, "prompt_index": i}
+                          for p, i in zip(parts, self.prompt_index)]}
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], source: str = "adapter") -> "MultiTaskSpec":
+        try:
+            common = {k: v for k, v in cfg.items() if k != "tasks"}
+            tasks = tuple(RunSpec.from_dict({**common, **{k: t[k] for k in TASK_KEYS}}, source) for t in cfg["tasks"])
+            index = tuple(int(t["prompt_index"]) for t in cfg["tasks"])
+        except (KeyError, TypeError) as e:
+            raise PtuneError(f"{source}: multi-task adapter config is incomplete or damaged "
+                             f"({type(e).__name__}: {e}); save the adapter again") from e
+        if any(t.task is None for t in tasks):
+            raise PtuneError(f"{source}: a multi-task adapter must record each of its tasks")
+        return cls(tasks, index)
+
+
+def spec_from_dict(cfg: dict[str, Any], source: str = "adapter") -> "RunSpec | MultiTaskSpec":
+    """A saved spec: multi-task when it lists tasks, else one task's."""
+    return MultiTaskSpec.from_dict(cfg, source) if "tasks" in cfg else RunSpec.from_dict(cfg, source)

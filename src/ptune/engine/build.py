@@ -6,6 +6,7 @@ What each head kind means lives in ``ptune.heads``; this module only asks the ta
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..api import apply
@@ -16,10 +17,11 @@ from ..heads import HEAD_KINDS, Example, HeadConfig, HeadKind, head_kind
 from ..model import PtuneModel
 from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
 from ..templates import TemplateEncoder
-from .config import TrainConfig
+from ..multitask import TaskPart, apply_multitask, base_kind_for
+from .config import TaskEntry, TrainConfig
 
-__all__ = ["Example", "load_task", "task_head", "build_model", "make_encoder", "encode_records",
-           "model_is_encoder", "load_run_tokenizer"]
+__all__ = ["Example", "load_task", "load_tasks", "task_config", "task_head", "build_model", "make_encoder",
+           "encode_records", "model_is_encoder", "load_run_tokenizer"]
 
 
 def task_head(cfg: TrainConfig, task: Task) -> HeadConfig:
@@ -58,6 +60,27 @@ def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = Tru
     return task, splits
 
 
+def task_config(cfg: TrainConfig, entry: TaskEntry) -> TrainConfig:
+    """The run's options for one task of a multi-task run (its name and data files)."""
+    return dataclasses.replace(cfg, task=entry.task, train_file=entry.train_file, validation_file=entry.validation_file,
+                               test_file=entry.test_file, share_prompt=False, ensemble=1, init_from=None,
+                               init_task=None)
+
+
+def load_tasks(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = True, log: Any = None,
+               encoder_model: bool | None = None) -> list[tuple[Task, dict[str, list[dict]]]]:
+    """Every task of the run with its splits (one for a single-task run)."""
+    entries = cfg.task_entries()
+    if len(entries) == 1:
+        return [load_task(cfg, tokenizer, need_train=need_train, log=log, encoder_model=encoder_model)]
+    out = [load_task(task_config(cfg, e), tokenizer, need_train=need_train, log=log, encoder_model=encoder_model)
+           for e in entries]
+    names = [t.name for t, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the tasks' names must differ (they key each task's head and metrics): {names}")
+    return out
+
+
 def model_is_encoder(cfg: TrainConfig) -> bool:
     """Read from the model's config file alone (before loading weights: it decides which class loads them)."""
     from transformers import AutoConfig
@@ -69,17 +92,39 @@ def model_is_encoder(cfg: TrainConfig) -> bool:
         return True  # load_base reports the real problem
 
 
-def build_model(cfg: TrainConfig, task: Task, tokenizer: Any, *, encoder_model: bool | None = None) -> PtuneModel:
-    head = task_head(cfg, task)
+def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
+                encoder_model: bool | None = None) -> PtuneModel:
+    """The run's model: one task's, or a :class:`MultiTaskModel` when ``task`` lists several."""
+    tasks = task if isinstance(task, list) else [task]
+    heads = [task_head(cfg, t) for t in tasks]
     encoder = model_is_encoder(cfg) if encoder_model is None else encoder_model
-    base = load_base(cfg.model, head.spec.base_kind(encoder), quantize=cfg.quantize,
+    if cfg.ensemble > 1:
+        check_ensemble(cfg, heads[0])
+    base = load_base(cfg.model, base_kind_for(heads, encoder), quantize=cfg.quantize,
                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    model = apply(base, cfg.method_config(), head=head, template=cfg.template or head.spec.task_template(task),
-                  tokenizer=tokenizer, labels=task.labels, label_words=task.words(), task=task,
-                  max_length=cfg.max_length or task.max_length)
+    if len(tasks) > 1:
+        parts = [TaskPart(t, h, cfg.template or h.spec.task_template(t), cfg.max_length or t.max_length)
+                 for t, h in zip(tasks, heads)]
+        config = cfg.method_config()
+        share = cfg.share_prompt or getattr(config, "num_tasks", 1) == 1
+        model: PtuneModel = apply_multitask(base, config, parts, tokenizer=tokenizer, share_prompt=share)
+    else:
+        t, head = tasks[0], heads[0]
+        model = apply(base, cfg.method_config(), head=head, template=cfg.template or head.spec.task_template(t),
+                      tokenizer=tokenizer, labels=t.labels, label_words=t.words(), task=t,
+                      max_length=cfg.max_length or t.max_length, ensemble=cfg.ensemble)
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def check_ensemble(cfg: TrainConfig, head: HeadConfig) -> None:
+    if head.spec.label_form == "text":
+        raise ConfigError(f"ensemble averages class or tag probabilities; a {head.kind} head generates text")
+    init = getattr(cfg.method_config(), "init", "random")
+    if init in ("text", "labels"):
+        raise ConfigError(f"ensemble members must start apart, and init={init} gives all {cfg.ensemble} the same "
+                          "prompt (they would train identically); use init random or vocab")
 
 
 def make_encoder(model: PtuneModel, tokenizer: Any, max_length: int | None = None) -> TemplateEncoder:

@@ -19,6 +19,30 @@ from ..fields import from_values
 from ..heads import HEAD_KINDS
 
 SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task of a run: a built-in name or a task YAML, its data files and its sampling weight."""
+
+    task: str
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    weight: float = 1.0
+
+    @classmethod
+    def from_value(cls, value: Any) -> "TaskEntry":
+        if isinstance(value, str) and value.strip():
+            return cls(value.strip())
+        if isinstance(value, dict):
+            entry = from_values(cls, value, f"task entry {value}")
+            if not isinstance(entry.task, str) or not entry.task:
+                raise ConfigError(f"task entry {value}: 'task' must name a built-in task or a task YAML")
+            if not isinstance(entry.weight, (int, float)) or isinstance(entry.weight, bool) or entry.weight <= 0:
+                raise ConfigError(f"task entry {value}: weight={entry.weight!r} must be a positive number")
+            return entry
+        raise ConfigError(f"task entry {value!r} must be a task name or a mapping with 'task'")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -27,7 +51,7 @@ class TrainConfig:
     model: str = "minilm"
     """demo name (minilm, gemma), local folder or hub id"""
     task: str = "bbc"
-    """built-in task name (bbc, wnut, lama-*) or a task YAML file"""
+    """built-in task name (bbc, wnut, lama-*) or a task YAML file; several, comma-separated (bbc,wnut), train one multi-task adapter (YAML: a list of names or of {task, weight, train_file, validation_file, test_file})"""
     train_file: str | None = None
     """data files (csv, jsonl, json, parquet, conll, datasets folder, hub name)"""
     validation_file: str | None = None
@@ -38,6 +62,16 @@ class TrainConfig:
     """prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | ..."""
     method_options: dict = field(default_factory=dict)
     """options of the method's config"""
+    share_prompt: bool = False
+    """multi-task: one prompt for every task, each task keeping its own head (P-Tuning v2's multi-task pre-training); default: a prompt per task"""
+    task_temperature: float = 1.0
+    """multi-task sampling: task t is drawn with probability proportional to (weight_t * n_t) ** (1 / T); 1 = in proportion to its data, large = uniform"""
+    ensemble: int = 1
+    """prompt ensembling: K prompts for the task trained side by side in one run (each row scored by all K); predictions average their probabilities"""
+    init_from: str | None = None
+    """warm start: a saved adapter or run directory whose prompts (and prompt encoder; the head too for a task of the same name) start this run"""
+    init_task: str | None = None
+    """with --init-from a multi-task adapter: the task whose prompt starts this run"""
     head: str = "auto"
     """auto: the task's own head; or one of the same label form (e.g. verbalizer for classification)"""
     pooling: str = "auto"
@@ -113,7 +147,7 @@ class TrainConfig:
                     raise ConfigError(f"{f.name}={value!r} must be a number")
                 if isinstance(default, int) and not isinstance(default, bool) and int(value) != value:
                     raise ConfigError(f"{f.name}={value!r} must be a whole number")
-            if isinstance(default, str) and not isinstance(value, str):
+            if isinstance(default, str) and not isinstance(value, str) and f.name != "task":
                 raise ConfigError(f"{f.name}={value!r} must be text")
         checks = [
             (self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "a positive number"),
@@ -134,12 +168,25 @@ class TrainConfig:
              f"auto or a head kind: {', '.join(HEAD_KINDS)}"),
             (not (self.overwrite and self.resume), "overwrite", self.overwrite, "not combined with resume"),
             (self.resume or not self.allow_changes, "allow_changes", self.allow_changes, "used with resume only"),
+            (self.ensemble >= 1, "ensemble", self.ensemble, "a positive integer"),
+            (self.task_temperature > 0, "task_temperature", self.task_temperature, "a positive number"),
+            (self.init_from is not None or self.init_task is None, "init_task", self.init_task,
+             "used with init_from only"),
         ]
         for ok, name, value, want in checks:
             if not ok:
                 raise ConfigError(f"{name}={value!r} is invalid: it must be {want}")
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping, got {type(self.method_options).__name__}")
+        entries = self.task_entries()
+        if len(entries) > 1 and self.ensemble > 1:
+            raise ConfigError("ensemble trains K prompts for one task; give one task, or train the tasks "
+                              "together without --ensemble")
+        if self.share_prompt and len(entries) == 1:
+            raise ConfigError("share_prompt shares one prompt between several tasks; give them as --task a,b")
+        if "num_tasks" in self.method_options:
+            raise ConfigError("num_tasks follows from the run: one prompt per task of --task a,b (or one with "
+                              "--share-prompt), K with --ensemble K; do not set it")
         self.method_config()  # unknown method or bad option values fail now, before any model loads
 
     @property
@@ -148,13 +195,55 @@ class TrainConfig:
 
         return float(self.lr) if self.lr is not None else method_entry(self.method)[0].default_lr
 
+    def task_entries(self) -> list["TaskEntry"]:
+        """The run's tasks: one (``task`` with the data-file options), or several for a multi-task run."""
+        task = self.task
+        if isinstance(task, str):
+            names = [t.strip() for t in task.split(",")]
+            if len(names) == 1:
+                return [TaskEntry(task, self.train_file, self.validation_file, self.test_file)]
+            task = names
+        if not isinstance(task, (list, tuple)) or not task:
+            raise ConfigError(f"task={task!r} must be a task name, a comma-separated list of names or a list")
+        if self.train_file or self.validation_file or self.test_file:
+            raise ConfigError("with several tasks give each task's data files in the task list (YAML: task: "
+                              "[{task: my.yaml, train_file: ..., validation_file: ...}, bbc])")
+        entries = [TaskEntry.from_value(t) for t in task]
+        if len(entries) == 1:
+            return entries
+        names = [e.task for e in entries]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task lists {names}: each task once")
+        return entries
+
+    @property
+    def multi_task(self) -> bool:
+        return len(self.task_entries()) > 1
+
+    def prompt_tables(self) -> int:
+        """How many prompt tables the method holds (its ``num_tasks``)."""
+        if self.ensemble > 1:
+            return self.ensemble
+        return 1 if self.share_prompt else len(self.task_entries())
+
     def method_config(self) -> Any:
-        """The method's own config, built from ``method_options`` (and ``seed`` where it has one)."""
+        """The method's own config, built from ``method_options`` (and ``seed`` where it has one); its
+        ``num_tasks`` (prompt tables) follows from the tasks and --ensemble."""
         from ..methods import make_config, method_entry
 
         cls, _ = method_entry(self.method)
-        seeded = "seed" in {f.name for f in dataclasses.fields(cls)} and "seed" not in self.method_options
-        return make_config(self.method, **({"seed": self.seed} if seeded else {}), **self.method_options)
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra: dict[str, Any] = {"seed": self.seed} if "seed" in names and "seed" not in self.method_options else {}
+        tables = self.prompt_tables()
+        if tables > 1:
+            if "num_tasks" not in names:
+                if self.ensemble > 1:
+                    raise ConfigError(f"ensemble needs a method with prompts to replicate (prompt_tuning, p_tuning, "
+                                      f"p_tuning_v2, prefix_tuning); {self.method} has none")
+                tables = 1  # weight methods: every task shares the adapter, each keeps its own head
+            else:
+                extra["num_tasks"] = tables
+        return make_config(self.method, **extra, **self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

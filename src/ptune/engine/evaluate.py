@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -25,11 +26,38 @@ def make_batch(examples: list[Example], idx: list[int], pad_id: int, device: Any
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def make_multitask_batch(examples: list[Example], idx: list[int], pad_id: int, device: Any,
+                         num_tasks: int) -> dict[str, Any]:
+    """A batch whose rows may belong to different tasks: the inputs padded together, ``task_index``,
+    and per task the targets of its rows in batch order (token labels padded to the batch's length)."""
+    rows = [examples[i] for i in idx]
+    batch: dict[str, Any] = collate([dataclasses.replace(r.encoded, labels=None) for r in rows], pad_id=pad_id)
+    T = batch["input_ids"].shape[1]
+    labels: list[torch.Tensor | None] = []
+    for t in range(num_tasks):
+        group = [r for r in rows if r.task == t]
+        if not group:
+            labels.append(None)
+            continue
+        if group[0].encoded.labels is not None:
+            tags = torch.full((len(group), T), -100, dtype=torch.long)
+            for j, r in enumerate(group):
+                tags[j, :len(r.encoded.labels)] = torch.tensor(r.encoded.labels)
+            labels.append(tags.to(device))
+        else:
+            labels.append(torch.tensor([r.target for r in group], dtype=torch.long, device=device))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["task_index"] = torch.tensor([r.task for r in rows], dtype=torch.long, device=device)
+    batch["labels"] = labels
+    return batch
+
+
 @torch.no_grad()
 def predict_logits(model: PtuneModel, examples: list[Example], *, batch_size: int, pad_id: int,
-                   device: Any = "cpu", autocast: Any = None, shard: tuple[int, int] = (0, 1)) -> dict[int, Any]:
+                   device: Any = "cpu", autocast: Any = None, shard: tuple[int, int] = (0, 1),
+                   members: list[dict[int, Any]] | None = None) -> dict[int, Any]:
     """index -> the head's row for that example (fp32 scores, or what the head keeps); this process's
-    shard of batches."""
+    shard of batches. ``members``: for a prompt ensemble, K dicts that receive each member's rows."""
     kind = head_kind(model.head_config.kind)
     was_training = model.training
     model.eval()
@@ -45,6 +73,9 @@ def predict_logits(model: PtuneModel, examples: list[Example], *, batch_size: in
         lengths = [len(examples[i].encoded.input_ids) for i in idx]
         for i, row in zip(idx, kind.rows(res.logits, labels, lengths)):
             out[i] = row
+        if members is not None and res.members is not None:
+            for k, member in enumerate(members):
+                member.update(zip(idx, kind.rows(res.members[:, k], labels, lengths)))
     model.train(was_training)
     return out
 
@@ -54,8 +85,16 @@ def decode_predictions(task: Task, examples: list[Example], rows: dict[int, Any]
     return [task.kind.decode(task, ex, rows[i]) for i, ex in enumerate(examples)]
 
 
-def score(task: Task, examples: list[Example], rows: dict[int, Any]) -> dict[str, float]:
-    return task.kind.compute_metrics(task, examples, [rows[i] for i in range(len(examples))])
+def score(task: Task, examples: list[Example], rows: dict[int, Any],
+          members: list[dict[int, Any]] | None = None) -> dict[str, float]:
+    """The task's metrics; with a prompt ensemble's ``members``, also each member's main metric."""
+    metrics = task.kind.compute_metrics(task, examples, [rows[i] for i in range(len(examples))])
+    if members:
+        key = main_metric(task)[0]
+        for k, member in enumerate(members):
+            metrics[f"member_{k}_{key}"] = task.kind.compute_metrics(
+                task, examples, [member[i] for i in range(len(examples))])[key]
+    return metrics
 
 
 def main_metric(task: Task) -> tuple[str, bool]:

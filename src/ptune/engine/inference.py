@@ -18,9 +18,11 @@ from ..errors import ConfigError, PtuneError
 from ..heads import HEAD_KINDS, head_kind
 from ..model import PtuneModel
 from ..models import load_tokenizer
-from .build import build_model, encode_records, load_task, make_encoder, model_is_encoder
+from ..multitask import MultiTaskModel
+from ..spec import MultiTaskSpec
+from .build import build_model, encode_records, load_task, load_tasks, make_encoder, model_is_encoder
 from .config import TrainConfig
-from .evaluate import decode_predictions, predict_logits, score
+from .evaluate import decode_predictions, main_metric, predict_logits, score
 from .loop import bf16_autocast, run_precision
 from .run_dir import read_run_config
 
@@ -43,7 +45,8 @@ class Run:
     nothing trained (method ``manual``, verbalizer head): the zero-shot baseline of every prompt method.
     """
 
-    def __init__(self, path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str | Path, *, task: str | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> None:
         path = Path(path)
         adapter_dir, run_dir = _find_adapter(path)
         spec = read_spec(adapter_dir)
@@ -52,6 +55,22 @@ class Run:
         self._data_config = config
         self.config = config or TrainConfig(model=spec.base.name, progress=False)
         self.tokenizer = load_tokenizer(spec.base.name, trust_remote_code=trust_remote_code)
+        self.autocast = bf16_autocast if config is not None and run_precision(config) == "bf16" else None
+        self._splits: dict[str, list[dict]] | None = None
+        self.tasks: dict[str, Run] = {}  # a multi-task run: one Run per task, sharing the model
+        if isinstance(spec, MultiTaskSpec):
+            model = load_adapter(adapter_dir, tokenizer=self.tokenizer, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle)
+            self.tasks = {name: self._for_task(model, name) for name in spec.names}
+            if task is not None:
+                spec.task(task)  # names the tasks when it is not one of them
+                self.__dict__.update(self.tasks[task].__dict__)
+            else:
+                self.model, self.task = model, None
+            return
+        if task is not None and (spec.task is None or task != spec.task.name):
+            raise ConfigError(f"--task {task}: this run answers {spec.task.name if spec.task else 'one task'} only; "
+                              "--task picks one task of a multi-task run")
         if spec.task is not None:
             self.task = spec.task
         elif config is not None:  # format-1 adapters saved no task: rebuild it from the run's options
@@ -59,12 +78,23 @@ class Run:
         else:
             raise PtuneError(f"{adapter_dir} records no task and has no run directory around it; "
                              "pass the run directory instead")
-        self._splits: dict[str, list[dict]] | None = None
-        # score at the precision the run trained and reported its metrics at (bf16 autocast where it had it)
-        self.autocast = bf16_autocast if config is not None and run_precision(config) == "bf16" else None
+        # scores at the precision the run trained and reported its metrics at (bf16 autocast where it had it)
         self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer,
                                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self._ready()
+
+    def _for_task(self, model: MultiTaskModel, name: str) -> "Run":
+        """A Run answering one task of a multi-task model through its view."""
+        run = Run.__new__(Run)
+        run.__dict__.update(self.__dict__)
+        run.tasks, run.model, run.task = {}, model.view(name), model.spec.task(name).task
+        run._ready()
+        return run
+
+    def _one_task(self) -> None:
+        if self.task is None:
+            raise PtuneError(f"this run answers tasks {', '.join(self.tasks)}: name one (Python: Run(path, "
+                             "task=NAME) or run.tasks[NAME]; CLI: --task NAME)")
 
     @classmethod
     def zero_shot(cls, cfg: TrainConfig, log: Any = None) -> "Run":
@@ -81,6 +111,7 @@ class Run:
         cfg = dataclasses.replace(cfg, method="manual", method_options={}, head=head)
         run = cls.__new__(cls)
         run.path, run.config, run._data_config, run.autocast = None, cfg, cfg, None  # zero-shot: fp32
+        run.tasks = {}
         run.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         encoder = model_is_encoder(cfg)
         run.task, run._splits = head_kind(head).resolve_labels(task, splits, run.tokenizer, causal=not encoder, log=log)
@@ -99,15 +130,30 @@ class Run:
     def splits(self) -> dict[str, list[dict]]:
         """The run's data splits, loaded on first use (predict never needs them)."""
         if self._splits is None:
-            if self._data_config is None:  # a bare adapter: no record of where its data came from
+            self._one_task()
+            config = self._data_config
+            if config is None:  # a bare adapter: no record of where its data came from
                 self._splits = {}
             else:
-                _, self._splits = load_task(self._data_config, self.tokenizer, need_train=False,
-                                            encoder_model=self.model.spec.base.is_encoder)
+                loaded = load_tasks(config, self.tokenizer, need_train=False, encoder_model=self.model.spec.base.is_encoder)
+                self._splits = next((s for t, s in loaded if t.name == self.task.name), {})
         return self._splits
 
     def evaluate(self, split: str = "test", file: str | None = None, limit: int = 0) -> dict[str, float]:
-        """Metrics on a split (or a labelled file); ``limit`` > 0 scores only the first N records."""
+        """Metrics on a split (or a labelled file); ``limit`` > 0 scores only the first N records. A
+        multi-task run reports every task (``task/metric``) and ``mean_score``; a prompt ensemble adds
+        each member's main metric (``member_k_<metric>``)."""
+        if self.tasks and self.task is None:
+            if file:
+                self._one_task()
+            metrics: dict[str, float] = {}
+            mains = []
+            for name, run in self.tasks.items():
+                got = run.evaluate(split, limit=limit)
+                metrics.update({f"{name}/{k}": v for k, v in got.items()})
+                mains.append(got[main_metric(run.task)[0]])
+            metrics["mean_score"] = sum(mains) / len(mains)
+            return metrics
         if file:
             records = load_records(file, task=self.task)
         elif split in self.splits:
@@ -115,24 +161,52 @@ class Run:
         else:
             raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
         examples = encode_records(self.task, self.encoder, records[:limit or None], kind=self.kind)
+        members = self._members()
         rows = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
-                              pad_id=self.encoder.placeholder_id, autocast=self.autocast)
-        return score(self.task, examples, rows)
+                              pad_id=self.encoder.placeholder_id, autocast=self.autocast, members=members)
+        return score(self.task, examples, rows, members)
 
-    def predict(self, texts: list[str] | list[dict]) -> list[dict[str, Any]]:
-        """One result per input: {"label", "probabilities"} (tagging: {"tokens", "tags"})."""
+    def _members(self) -> list[dict[int, Any]] | None:
+        return [{} for _ in range(self.model.spec.ensemble)] if self.model.spec.ensemble > 1 else None
+
+    def predict(self, texts: list[str] | list[dict], *, vote: str = "mean") -> list[dict[str, Any]]:
+        """One result per input: {"label", "probabilities"} (tagging: {"tokens", "tags"}).
+
+        A prompt ensemble answers with its members' mean probabilities (``vote="mean"``) or the label
+        most members pick (``vote="majority"``, ties to the higher mean probability); its results add
+        ``members``, each member's label.
+        """
+        if vote not in ("mean", "majority"):
+            raise ConfigError(f"vote={vote!r} must be mean or majority")
+        self._one_task()
         task: Task = self.task
         records = [t if isinstance(t, dict) else self.kind.record_from_text(task, t) for t in texts]
         for i, r in enumerate(records):
             task.validate_record(r, f"input {i + 1}", allow_unlabeled=True)
         examples = encode_records(task, self.encoder, records, labelled=False, kind=self.kind)
+        members = self._members()
+        if members is None and vote == "majority":
+            raise ConfigError("vote=majority needs a prompt ensemble (a run trained with --ensemble K)")
+        if members is not None and vote == "majority" and self.kind.label_form != "class":
+            raise ConfigError(f"vote=majority picks one label per input; a {self.kind.name} head answers per token")
         rows = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
-                              pad_id=self.encoder.placeholder_id, autocast=self.autocast)
+                              pad_id=self.encoder.placeholder_id, autocast=self.autocast, members=members)
         preds = decode_predictions(task, examples, rows)
-        return [self.kind.result(task, rec, pred, rows[i]) for i, (rec, pred) in enumerate(zip(records, preds))]
+        results = [self.kind.result(task, rec, pred, rows[i]) for i, (rec, pred) in enumerate(zip(records, preds))]
+        if members is not None:
+            for i, result in enumerate(results):
+                picks = [self.kind.decode(task, examples[i], m[i]) for m in members]
+                result["members"] = picks
+                if vote == "majority":
+                    counts = {p: picks.count(p) for p in picks}
+                    top = max(counts.values())
+                    probs = result["probabilities"]
+                    result["label"] = max((p for p in counts if counts[p] == top), key=lambda p: probs[p])
+        return results
 
     def generate(self, prompts: list[str], *, max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
         """Continue each prompt with the adapter active (greedy unless ``do_sample=True`` etc.)."""
+        self._one_task()
         if self.model.spec.base.kind != "causal_lm":
             raise PtuneError(f"generate needs a run on a causal LM with its LM head (a verbalizer or causal_lm head); "
                              f"this run's base is a {self.model.spec.base.kind.replace('_', ' ')}")

@@ -11,9 +11,11 @@ gradients), so a multi-process run follows the single-process one.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import math
 import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
 import shutil
 import signal
 import time
@@ -28,10 +30,15 @@ from ..batching import length_grouped_order
 from ..methods.base import TrainingHooks
 from ..quantize import make_optimizer
 from ..errors import ConfigError, PtuneError, TrainingInterrupted
-from .build import build_model, encode_records, load_run_tokenizer, load_task, make_encoder, model_is_encoder
+from ..data import Task
+from ..heads import Example
+from ..model import PtuneModel
+from ..multitask import MultiTaskModel
+from ..transfer import warm_start
+from .build import build_model, encode_records, load_run_tokenizer, load_tasks, make_encoder, model_is_encoder
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .evaluate import main_metric, make_batch, predict_logits, score
+from .evaluate import main_metric, make_batch, make_multitask_batch, predict_logits, score
 from .run_dir import RunDirectory
 from .trainer_state import MetricsLog, TrainState
 
@@ -95,6 +102,21 @@ def _adapter_hooks(adapter: Any) -> tuple[Callable | None, Callable | None, Call
     return adapter.extra_loss, adapter.after_optimizer_step, adapter.set_total_steps
 
 
+@dataclass
+class TaskData:
+    """One task of the run: its data, the model that answers it (a multi-task model's view), its encoder,
+    where its training examples sit in ``Trainer.train_ex``, and its validation examples."""
+
+    task: Task
+    splits: dict[str, list[dict]]
+    model: PtuneModel
+    encoder: Any
+    train_start: int
+    train_size: int
+    val: list[Example]
+    test: list[Example] | None = None  # encoded on first use
+
+
 class Trainer:
     """One training run, in the order ``train`` calls its steps: construction sets up (accelerator,
     run directory, task, model, data, optimizer), then ``resume``, ``fit``, ``finish``."""
@@ -113,6 +135,7 @@ class Trainer:
     def _start_accelerator(self) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
 
         cfg = self.cfg
         refuse_sharding_without_gpu()
@@ -120,7 +143,10 @@ class Trainer:
         # a second train() in one process (notebooks, tests) may ask for another precision; accelerate
         # keeps one global state, so start it afresh (the process group, if any, is kept)
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
+        # a multi-task batch may hold no row of some task: its head then gets no gradient on that step
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.multi_task else []
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
+                               kwargs_handlers=handlers)
         self.is_main = self.acc.is_main_process
         self.directory = RunDirectory(cfg, self.is_main).open()  # locked until train() returns
         self.run_dir = self.directory.path
@@ -132,30 +158,79 @@ class Trainer:
         tokenizer = load_run_tokenizer(cfg)
         say = (lambda line: print(f"ptune: {line}", flush=True)) if cfg.progress and self.is_main else None
         encoder = model_is_encoder(cfg)  # read once: it decides label words and which class loads the base
-        self.task, self.splits = load_task(cfg, tokenizer, log=say, encoder_model=encoder)
-        if "validation" not in self.splits:
-            raise ConfigError(f"task {self.task.name} has no validation data; pass --validation-file")
-        self.model = build_model(cfg, self.task, tokenizer, encoder_model=encoder)
-        self.encoder = make_encoder(self.model, tokenizer, cfg.max_length or self.task.max_length)
-        self.train_ex = encode_records(self.task, self.encoder, self.splits["train"][:cfg.limit_train or None])
-        self.val_ex = encode_records(self.task, self.encoder, self.splits["validation"][:cfg.limit_eval or None])
+        loaded = load_tasks(cfg, tokenizer, log=say, encoder_model=encoder)
+        multi = len(loaded) > 1
+        for task, splits in loaded:
+            if "validation" not in splits:
+                where = " (in its task entry)" if multi else ""
+                raise ConfigError(f"task {task.name} has no validation data; pass --validation-file{where}")
+        tasks = [t for t, _ in loaded]
+        if multi:
+            lower = [t.name for t in tasks if not main_metric(t)[1]]
+            if lower:
+                raise ConfigError(f"a multi-task run keeps the adapter with the best mean of its tasks' main metrics, "
+                                  f"which must all be higher-is-better; {', '.join(lower)} are not (train them alone)")
+        self.model = build_model(cfg, tasks if multi else tasks[0], tokenizer, encoder_model=encoder)
+        if cfg.init_from:
+            warm_start(self.model, cfg.init_from, cfg.init_task, log=say)
+        views = self.model.views if isinstance(self.model, MultiTaskModel) else [self.model]
+        self.parts: list[TaskData] = []
+        self.train_ex = []
+        for t, ((task, splits), view) in enumerate(zip(loaded, views)):
+            enc = make_encoder(view, tokenizer, cfg.max_length or task.max_length)
+            train = encode_records(task, enc, splits["train"][:cfg.limit_train or None])
+            for ex in train:
+                ex.task = t
+            val = encode_records(task, enc, splits["validation"][:cfg.limit_eval or None])
+            self.parts.append(TaskData(task, splits, view, enc, len(self.train_ex), len(train), val))
+            self.train_ex.extend(train)
+        first = self.parts[0]  # the single-task names the rest of the loop reads
+        self.task, self.splits, self.encoder, self.val_ex = first.task, first.splits, first.encoder, first.val
         self.pad_id = self.encoder.placeholder_id
         if self.is_main:
             self.directory.write_record()
-            print(f"ptune: {self.model.describe()}; template {self.model.template.source!r}; {len(self.train_ex)} "
-                  f"train / {len(self.val_ex)} validation examples; precision {self.precision}", flush=True)
+            templates = "; ".join(f"{p.task.name} template {p.model.template.source!r}" if multi
+                                  else f"template {p.model.template.source!r}" for p in self.parts)
+            print(f"ptune: {self.model.describe()}; {templates}; {len(self.train_ex)} train / "
+                  f"{sum(len(p.val) for p in self.parts)} validation examples; precision {self.precision}", flush=True)
+
+    def epoch_pool(self, epoch: int) -> list[int]:
+        """The training examples of one epoch (indices into ``train_ex``). One task: each once. Several:
+        task t gets N * p_t draws, p_t proportional to (weight_t * n_t) ** (1 / task_temperature), N the
+        examples of all tasks (each task's examples cycled in a seeded order)."""
+        if len(self.parts) == 1:
+            return list(range(len(self.train_ex)))
+        cfg = self.cfg
+        weights = [e.weight for e in cfg.task_entries()]
+        mass = [(w * p.train_size) ** (1 / cfg.task_temperature) for w, p in zip(weights, self.parts)]
+        total = sum(p.train_size for p in self.parts)
+        rng = random.Random(cfg.seed * 100003 + epoch)
+        pool: list[int] = []
+        for p, m in zip(self.parts, mass):
+            draws = max(1, round(total * m / sum(mass)))
+            while draws > 0:
+                perm = list(range(p.train_start, p.train_start + p.train_size))
+                rng.shuffle(perm)
+                pool.extend(perm[:draws])
+                draws -= len(perm)
+        return pool
+
+    def make_train_batch(self, rows: list[int]) -> dict[str, Any]:
+        if len(self.parts) > 1:
+            return make_multitask_batch(self.train_ex, rows, self.pad_id, self.acc.device, len(self.parts))
+        return make_batch(self.train_ex, rows, self.pad_id, self.acc.device)
 
     def _make_optimizer(self) -> None:
         cfg = self.cfg
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.params, cfg.learning_rate, cfg.weight_decay)
         self.lengths = [len(e.encoded.input_ids) for e in self.train_ex]
-        steps_per_epoch = max(1, math.ceil(len(self.train_ex) / cfg.batch_size) // cfg.grad_accum)
+        steps_per_epoch = max(1, math.ceil(len(self.epoch_pool(0)) / cfg.batch_size) // cfg.grad_accum)
         self.total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total))
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.inner = self.acc.unwrap_model(self.model)  # the PtuneModel under any DDP wrapper
-        self.metric_key, self.higher = main_metric(self.task)
+        self.metric_key, self.higher = ("mean_score", True) if len(self.parts) > 1 else main_metric(self.task)
 
     def resume(self) -> None:
         """With --resume, restore from the latest checkpoint; open metrics.jsonl (trimmed to match)."""
@@ -205,7 +280,9 @@ class Trainer:
     def run_epoch(self) -> bool:
         """Train from the saved position to the end of this epoch; True when training should stop."""
         cfg, st = self.cfg, self.state
-        order = length_grouped_order(self.lengths, cfg.batch_size, cfg.seed + st.epoch)
+        pool = self.epoch_pool(st.epoch)
+        order = [[pool[j] for j in b] for b in
+                 length_grouped_order([self.lengths[i] for i in pool], cfg.batch_size, cfg.seed + st.epoch)]
         usable = len(order) - len(order) % cfg.grad_accum  # a trailing partial group is dropped
         b, stop = st.batch_in_epoch, False
         while b < usable and not stop:
@@ -238,7 +315,7 @@ class Trainer:
         for micro, idx in enumerate(group):
             # each process takes its slice of the batch (at least one row)
             rows = idx[acc.process_index::acc.num_processes] or idx[:1]
-            batch = make_batch(self.train_ex, rows, self.pad_id, acc.device)
+            batch = self.make_train_batch(rows)
             sync = micro == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
             with acc.autocast(), (acc.no_sync(self.model) if not sync else nullcontext()):
                 loss = self.model(**batch).loss
@@ -276,17 +353,48 @@ class Trainer:
                            lr=self.scheduler.get_last_lr()[0])
             self.running = []
 
-    def evaluate(self) -> dict[str, float]:
-        """Validation metrics; each process predicts its share, gathered before scoring."""
+    def score_part(self, part: "TaskData", examples: list[Example]) -> dict[str, float]:
+        """One task's metrics on ``examples``; each process predicts its share, gathered before scoring. A
+        prompt ensemble adds each member's main metric (``member_k_<metric>``)."""
         acc = self.acc
-        logits = predict_logits(self.inner, self.val_ex, batch_size=self.cfg.eval_batch_size, pad_id=self.pad_id,
-                                device=acc.device, autocast=acc.autocast, shard=(acc.process_index, acc.num_processes))
+        K = part.model.spec.ensemble
+        members: list[dict[int, Any]] | None = [{} for _ in range(K)] if K > 1 else None
+        logits = predict_logits(part.model, examples, batch_size=self.cfg.eval_batch_size, pad_id=self.pad_id,
+                                device=acc.device, autocast=acc.autocast, shard=(acc.process_index, acc.num_processes),
+                                members=members)
         if acc.num_processes > 1:
             merged: dict = {}
-            for part in acc.gather_for_metrics([logits], use_gather_object=True):
-                merged.update(part)
-            logits = merged
-        return score(self.task, self.val_ex, logits)
+            merged_members: list[dict] = [{} for _ in range(K)]
+            for rows, member_rows in acc.gather_for_metrics([(logits, members)], use_gather_object=True):
+                merged.update(rows)
+                for into, got in zip(merged_members, member_rows or []):
+                    into.update(got)
+            logits, members = merged, (merged_members if members is not None else None)
+        return score(part.task, examples, logits, members)
+
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Metrics of every task on a split (several tasks: ``task/metric`` and ``mean_score``, the mean of
+        the tasks' main metrics)."""
+        if len(self.parts) == 1:
+            part = self.parts[0]
+            return self.score_part(part, part.val if split == "validation" else self.test_examples(part))
+        metrics: dict[str, float] = {}
+        mains = []
+        for part in self.parts:
+            examples = part.val if split == "validation" else self.test_examples(part)
+            if not examples:
+                continue
+            got = self.score_part(part, examples)
+            metrics.update({f"{part.task.name}/{k}": v for k, v in got.items()})
+            mains.append(got[main_metric(part.task)[0]])
+        metrics["mean_score"] = sum(mains) / len(mains)
+        return metrics
+
+    def test_examples(self, part: "TaskData") -> list[Example]:
+        if part.test is None:
+            records = part.splits.get("test", [])[:self.cfg.limit_eval or None]
+            part.test = encode_records(part.task, part.encoder, records)
+        return part.test
 
     def evaluate_and_checkpoint(self) -> bool:
         """Evaluate, keep the best adapter, checkpoint; True when early stopping says stop."""
@@ -337,17 +445,16 @@ class Trainer:
         if self.checkpointed_step != st.step:  # a later --resume starts from the end
             self.checkpoint()
         st.train_seconds += time.perf_counter() - self.t0
-        test_metrics, test_ex = None, []
-        if "test" in self.splits:  # the best adapter on held-out data
+        test_metrics = None
+        n_test = sum(len(self.test_examples(p)) for p in self.parts)
+        if n_test:  # the best adapter on held-out data
             load_trainable(self.inner, load_file(str(run_dir / "best" / WEIGHTS_NAME)), str(run_dir / "best"))
-            test_ex = encode_records(self.task, self.encoder, self.splits["test"][:cfg.limit_eval or None])
-            test_logits = predict_logits(self.inner, test_ex, batch_size=cfg.eval_batch_size, pad_id=self.pad_id,
-                                         device=self.acc.device, autocast=self.acc.autocast)
-            test_metrics = score(self.task, test_ex, test_logits)
+            test_metrics = self.evaluate("test")
             self.log.write(step=st.step, split="test", **test_metrics)
         trainable, total_params = self.inner.trainable_parameters()
         summary = {
-            "run_dir": str(run_dir), "adapter": str(run_dir / "best"), "method": cfg.method, "task": self.task.name,
+            "run_dir": str(run_dir), "adapter": str(run_dir / "best"), "method": cfg.method,
+            "task": ",".join(p.task.name for p in self.parts),
             "model": cfg.model, "steps": st.step, "epochs_completed": st.epoch,
             f"best_validation_{self.metric_key}": st.best, "best_step": st.best_step,
             "trainable_parameters": trainable, "total_parameters": total_params,
@@ -355,8 +462,14 @@ class Trainer:
             "eval_seconds": st.eval_seconds or 0.0,
             "test": test_metrics, "skipped_batches": st.skipped_batches, "peak_rss_mb": peak_rss_mb(),
             "precision": self.precision,
-            "examples": {"train": len(self.train_ex), "validation": len(self.val_ex), "test": len(test_ex)},
+            "examples": {"train": len(self.train_ex), "validation": sum(len(p.val) for p in self.parts),
+                         "test": n_test},
         }
+        if len(self.parts) > 1:
+            summary["tasks"] = {p.task.name: {"train": p.train_size, "validation": len(p.val),
+                                              "test": len(self.test_examples(p))} for p in self.parts}
+        if cfg.ensemble > 1:
+            summary["ensemble"] = cfg.ensemble
         if self.is_main:
             tmp = run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))

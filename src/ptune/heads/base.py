@@ -71,6 +71,7 @@ class Example:
     encoded: Encoded
     target: int | None  # one class id per row (class heads); None for per-token labels or none
     record: dict
+    task: int = 0  # the row's task in a multi-task run (index into the run's tasks)
 
 
 @runtime_checkable

@@ -7,7 +7,9 @@ paper found to train faster and more stably. Encoders: ``lstm`` (a 2-layer bi-LS
 MLP, as the paper and HF PEFT), ``mlp`` (``encoder_num_layers`` linear layers with ReLU between) or
 ``none`` (the inputs are used as they are). Options: ``residual`` adds the encoder input to its
 output, ``layer_norm`` normalises the output, ``encoder_dropout`` acts on the encoder input (and between LSTM layers). The encoder is
-part of the saved adapter, so training can resume. Omitted: the paper's per-task anchor search.
+part of the saved adapter, so training can resume. With several prompt tables (tasks of a multi-task
+run, ensemble members) one encoder reads every table's inputs (``task_encoders="shared"``) or each
+table has its own (``per_task``, the lab's MultiTaskPromptEncoder). Omitted: the paper's per-task anchor search.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
-from .prompt_tuning import InputPrompts, _check_common, initial_prompt
+from .prompt_tuning import InputPrompts, _check_common, prompt_tables
 
 ENCODERS = ("lstm", "mlp", "none")
+TASK_ENCODERS = ("shared", "per_task")
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,15 @@ class PTuningConfig:
     init_text: str | None = None
     """the words whose embeddings start the prompt (init="text")"""
     num_tasks: int = 1
-    """prompts stored side by side, selected per row by task_ids"""
+    """prompt tables side by side, selected per row by task_ids (set by the engine: tasks of a multi-task run, or --ensemble K)"""
+    task_encoders: str = "shared"
+    """with several prompt tables: shared (one encoder, per-task inputs) | per_task (an encoder per task)"""
     seed: int = 0
     """seed of the prompt's initialisation"""
 
     def __post_init__(self) -> None:
+        if self.task_encoders not in TASK_ENCODERS:
+            raise ConfigError(f"task_encoders={self.task_encoders!r} is not one of {TASK_ENCODERS}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"encoder={self.encoder!r} is not one of {ENCODERS}")
         if self.encoder_num_layers < 1:
@@ -113,18 +120,23 @@ class PromptEncoder(nn.Module):
 
 
 class PTuningAdapter(InputPrompts):
+    task_tables = ("embedding",)  # per-table inputs; per-task encoders are the ModuleList "encoders"
     def __init__(self, config: PTuningConfig, num_virtual_tokens: int, embedding: nn.Embedding,
                  **init_kwargs: Any) -> None:
         super().__init__()
         self.config = config
         d = embedding.weight.shape[1]
-        first = initial_prompt(config.init, num_virtual_tokens, embedding, init_text=config.init_text,
-                               seed=config.seed, **init_kwargs)
-        self.embedding = nn.Parameter(first.unsqueeze(0).repeat(config.num_tasks, 1, 1))  # (tasks, N, d)
-        self.encoder = PromptEncoder(config, d)
+        self.embedding = nn.Parameter(prompt_tables(config, num_virtual_tokens, embedding, **init_kwargs))  # (tasks, N, d)
+        if config.task_encoders == "per_task" and config.num_tasks > 1:
+            self.encoders = nn.ModuleList(PromptEncoder(config, d) for _ in range(config.num_tasks))
+        else:
+            self.encoder = PromptEncoder(config, d)
 
     def prompts(self) -> torch.Tensor:
-        return self.encoder(self.embedding)  # (num_tasks, N, d)
+        """(num_tasks, N, d): one encoder over every table's inputs, or table k through encoder k."""
+        if hasattr(self, "encoders"):
+            return torch.cat([enc(self.embedding[k:k + 1]) for k, enc in enumerate(self.encoders)])
+        return self.encoder(self.embedding)
 
     def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
         # PEFT stores the encoder's output for inference (its "inference_mode" layout)

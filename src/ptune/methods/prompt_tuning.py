@@ -5,7 +5,7 @@ k trainable soft-token embeddings fill the virtual-token placeholders of the tem
 embedding table's spread), ``vocab`` (rows sampled from the vocabulary), ``text`` (the embeddings of
 ``init_text``, repeated or truncated to k) or ``labels`` (the class label words, the paper's best).
 Several prompts can live side by side (``num_tasks``): each row of a batch picks its own through
-``task_ids``, which also gives prompt ensembling. No reparameterization: that is P-Tuning.
+``task_ids``: one per task of a multi-task run, or the K members of a prompt ensemble. No reparameterization: that is P-Tuning.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ class PromptTuningConfig:
     init_text: str | None = None
     """for init="text" """
     num_tasks: int = 1
-    """prompts stored side by side, selected per row by task_ids"""
+    """prompt tables side by side, selected per row by task_ids (set by the engine: tasks of a multi-task run, or --ensemble K)"""
     seed: int = 0
-    """for random / vocab init"""
+    """for random / vocab init (table k: seed + k)"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
@@ -116,6 +116,13 @@ def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any
     return rows(torch.tensor(ids).repeat(reps)[:n])
 
 
+def prompt_tables(config: Any, n: int, embedding: nn.Embedding, **init_kwargs: Any) -> torch.Tensor:
+    """(num_tasks, n, d) starting prompts: table k drawn with seed + k (random / vocab inits), so the
+    members of a prompt ensemble start apart; text / label inits give every table the same words."""
+    return torch.stack([initial_prompt(config.init, n, embedding, init_text=config.init_text, seed=config.seed + k,
+                                       **init_kwargs) for k in range(config.num_tasks)])
+
+
 def _std(weight: torch.Tensor, chunk: int = 16384) -> float:
     """Standard deviation of every entry, in float64 chunks (no full-precision copy of the table)."""
     total = sq = 0.0
@@ -141,13 +148,12 @@ class InputPrompts(IdentityHooks):
 
 class PromptEmbedding(InputPrompts):
     """The soft prompt table: (num_tasks, num_virtual_tokens, d)."""
+    task_tables = ("weight",)  # parameters whose first dimension is the prompt table (see ptune.transfer)
 
     def __init__(self, config: PromptTuningConfig, embedding: nn.Embedding, **init_kwargs: Any) -> None:
         super().__init__()
         self.config = config
-        first = initial_prompt(config.init, config.num_virtual_tokens, embedding,
-                               init_text=config.init_text, seed=config.seed, **init_kwargs)
-        self.weight = nn.Parameter(first.unsqueeze(0).repeat(config.num_tasks, 1, 1))
+        self.weight = nn.Parameter(prompt_tables(config, config.num_virtual_tokens, embedding, **init_kwargs))
 
     def prompts(self) -> torch.Tensor:
         return self.weight  # (num_tasks, N, d)

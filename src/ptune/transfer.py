@@ -1,0 +1,142 @@
+"""Warm start: begin a run from a saved adapter's prompts (P-Tuning v2's "pre-train on several tasks,
+then adapt to one").
+
+``warm_start(model, source, init_task)`` copies into a freshly built model, before its first step:
+
+- the adapter's tensors: the prompt tables (every table of the new model takes the source's table
+  for ``init_task``, or the source's only table; a multi-task source with the same tasks maps task to
+  task), a prompt encoder (shared or per task, either way round) and any weight-side tensors (LoRA);
+- a head, for each task of the new model that the source has a head for under the same task name
+  and shape (so a warm start on the same task reproduces the source's scores exactly).
+
+The method must be the same, the base must be the one the source was trained on, and every tensor
+must fit: a shape that does not is refused naming both shapes and what to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+from .api import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, read_spec
+from .errors import AdapterMismatchError, ConfigError, PtuneError
+from .model import PtuneModel
+from .spec import MultiTaskSpec
+
+
+def _adapter_dir(source: str | Path) -> Path:
+    path = Path(source)
+    for candidate in (path / "best", path):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise PtuneError(f"--init-from {source}: no adapter there (no {CONFIG_NAME} in it or in its best/); "
+                     "pass a run directory or an adapter folder")
+
+
+def _tables(spec: Any) -> dict[str, int]:
+    """Task name -> prompt table of a saved spec."""
+    if isinstance(spec, MultiTaskSpec):
+        return dict(zip(spec.names, spec.prompt_index))
+    return {spec.task.name: 0} if spec.task is not None else {}
+
+
+def _task_names(model: PtuneModel) -> list[str]:
+    spec = model.spec
+    if isinstance(spec, MultiTaskSpec):
+        return list(spec.names)
+    return [spec.task.name] if spec.task is not None else []
+
+
+def _table_map(src_spec: Any, model: PtuneModel, init_task: str | None, source: str) -> Callable[[int], int]:
+    """Which source table each of the new model's tables starts from."""
+    n_src = getattr(src_spec.method_config, "num_tasks", 1)
+    tables = _tables(src_spec)
+    if init_task is not None:
+        if init_task not in tables:
+            raise ConfigError(f"--init-task {init_task}: {source} holds tasks {', '.join(tables) or '(none recorded)'}")
+        return lambda _: tables[init_task]
+    if n_src == 1:
+        return lambda _: 0
+    if isinstance(src_spec, MultiTaskSpec) and isinstance(model.spec, MultiTaskSpec) \
+            and src_spec.names == model.spec.names and src_spec.prompt_index == model.spec.prompt_index:
+        return lambda k: k
+    raise ConfigError(f"{source} holds {n_src} prompt tables (tasks {', '.join(tables)}); pass --init-task NAME "
+                      "to pick the one this run starts from")
+
+
+def _source_key(name: str, src: dict[str, torch.Tensor], table: int) -> str | None:
+    """The source tensor for one of the model's adapter tensors (per-task and shared encoders map both ways)."""
+    if name in src:
+        return name
+    parts = name.split(".")
+    if "encoders" in parts:  # adapter.encoders.<k>.rest <- adapter.encoder.rest / adapter.encoders.<t>.rest
+        i = parts.index("encoders")
+        rest = ".".join(parts[i + 2:])
+        for key in (".".join(parts[:i] + ["encoders", str(table), rest]), ".".join(parts[:i] + ["encoder", rest])):
+            if key in src:
+                return key
+    if "encoder" in parts:  # adapter.encoder.rest <- adapter.encoders.<t>.rest
+        i = parts.index("encoder")
+        key = ".".join(parts[:i] + ["encoders", str(table)] + parts[i + 1:])
+        if key in src:
+            return key
+    return None
+
+
+def warm_start(model: PtuneModel, source: str | Path, init_task: str | None = None,
+               log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """Copy a saved adapter's prompts, encoder and matching heads into ``model``; returns what was
+    copied (``{"adapter": [...], "heads": [...]}``)."""
+    folder = _adapter_dir(source)
+    src_spec = read_spec(folder)
+    where = str(source)
+    if src_spec.method != model.method:
+        raise ConfigError(f"--init-from {where} is a {src_spec.method} adapter; this run trains {model.method} "
+                          "(start from an adapter of the same method)")
+    check_fingerprint(src_spec.base.fingerprint, model.base)
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    table_of = _table_map(src_spec, model, init_task, where)
+    table_names = {f"adapter.{n}" for n in getattr(model.adapter, "task_tables", ())}
+    params = dict(model.named_parameters())
+    copied: dict[str, list[str]] = {"adapter": [], "heads": []}
+    with torch.no_grad():
+        for name, p in params.items():
+            if not p.requires_grad or name.startswith("head."):
+                continue
+            if name in table_names:
+                src = tensors.get(name)
+                if src is None or src.shape[1:] != p.shape[1:]:
+                    raise AdapterMismatchError(
+                        f"--init-from {where}: {name} is {tuple(src.shape) if src is not None else 'missing'} "
+                        f"there and {tuple(p.shape)} here (tables x tokens x width); use the same "
+                        "num_virtual_tokens (and template) as the source")
+                for k in range(p.shape[0]):
+                    p[k].copy_(src[table_of(k)])
+            else:
+                table = table_of(int(name.split("encoders.")[1].split(".")[0])) if "encoders." in name else table_of(0)
+                key = _source_key(name, tensors, table)
+                if key is None or tensors[key].shape != p.shape:
+                    got = tuple(tensors[key].shape) if key is not None else "missing"
+                    raise AdapterMismatchError(f"--init-from {where}: {name} is {got} there and {tuple(p.shape)} "
+                                               "here; the method's options must match the source's")
+                p.copy_(tensors[key])
+            copied["adapter"].append(name)
+        src_tasks = _tables(src_spec)
+        multi_src = isinstance(src_spec, MultiTaskSpec)
+        multi_dst = isinstance(model.spec, MultiTaskSpec)
+        for task in _task_names(model):
+            if task not in src_tasks:
+                continue
+            src_prefix, dst_prefix = f"head.{task}." if multi_src else "head.", f"head.{task}." if multi_dst else "head."
+            pairs = [(n, src_prefix + n[len(dst_prefix):]) for n in params if n.startswith(dst_prefix)]
+            if pairs and all(s in tensors and tensors[s].shape == params[n].shape for n, s in pairs):
+                for n, s in pairs:
+                    params[n].copy_(tensors[s])
+                copied["heads"].append(task)
+    if log is not None:
+        heads = f" and the head of {', '.join(copied['heads'])}" if copied["heads"] else " (heads start fresh)"
+        log(f"warm start from {folder}: {len(copied['adapter'])} adapter tensors{heads}")
+    return copied
