@@ -2,8 +2,9 @@
 
 accelerate shards (FSDP, DeepSpeed) on GPUs only. Launched on a CPU-only machine with an FSDP config,
 ptune's Accelerator (``cpu=True``) came back with the model wrapped in plain DistributedDataParallel
-(``DistributedType.MULTI_CPU``), and the run's losses differed from a DDP launch's (first logged loss
-0.7009 against 0.7042 on this toy run; the DDP launch matches one process exactly); without
+(``DistributedType.MULTI_CPU``). (Its losses once seemed to differ from "a DDP launch": that launch,
+``accelerate launch --cpu``, had run ONE process; real 2-process DDP with dropout differs from one
+process the same way, see test_ddp.py.) Without
 ``cpu=True`` no process group forms at all and every process trains alone. So the FSDP check is
 reduced to this: the launch fails at once, on every process, with one line saying why and what to
 use. FSDP on GPUs (configs/accelerate/fsdp.yaml) is not tested here (no GPU).
@@ -46,6 +47,6 @@ def test_fsdp_without_gpu_is_refused_with_the_reason(tiny_model_dir, toy_task, t
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ptune: error:")]
-    assert errors and all("FSDP needs GPUs and this machine has none" in e and "ddp_cpu_2proc.yaml" in e
+    assert errors and all("FSDP needs GPUs and this machine has none" in e and "torchrun --standalone" in e
                           for e in errors)
     assert not (tmp_path / "run").exists()  # refused before the run directory was touched

@@ -32,7 +32,7 @@ def task_head(cfg: TrainConfig, task: Task) -> HeadConfig:
         fits = [k for k, v in HEAD_KINDS.items() if v.label_form == task.kind.label_form]
         raise ConfigError(f"head={name} cannot answer task {task.name} (a {task.head} task); "
                           f"heads that fit it: {', '.join(fits)}")
-    return HeadConfig(name, num_labels=len(task.labels), pooling=cfg.pooling)
+    return HeadConfig(name, num_labels=len(task.labels), pooling=cfg.pooling, dropout=cfg.head_dropout)
 
 
 def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = True, log: Any = None,

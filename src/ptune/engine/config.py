@@ -74,6 +74,8 @@ class TrainConfig:
     """with --init-from a multi-task adapter: the task whose prompt starts this run"""
     head: str = "auto"
     """auto: the task's own head; or one of the same label form (e.g. verbalizer for classification)"""
+    head_dropout: float = 0.1
+    """dropout on the head's input (classification / tagging heads)"""
     pooling: str = "auto"
     """classification pooling: auto | cls | pooler | mean | last"""
     template: str | None = None
@@ -168,6 +170,7 @@ class TrainConfig:
              f"auto or a head kind: {', '.join(HEAD_KINDS)}"),
             (not (self.overwrite and self.resume), "overwrite", self.overwrite, "not combined with resume"),
             (self.resume or not self.allow_changes, "allow_changes", self.allow_changes, "used with resume only"),
+            (0 <= self.head_dropout < 1, "head_dropout", self.head_dropout, "in [0, 1)"),
             (self.ensemble >= 1, "ensemble", self.ensemble, "a positive integer"),
             (self.task_temperature > 0, "task_temperature", self.task_temperature, "a positive number"),
             (self.init_from is not None or self.init_task is None, "init_task", self.init_task,

@@ -59,13 +59,13 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 def refuse_sharding_without_gpu() -> None:
     """accelerate shards (FSDP, DeepSpeed) on GPUs only: on a CPU-only machine an FSDP launch config
-    silently becomes plain DDP (checked: the model comes back wrapped in DistributedDataParallel, and
-    its losses differ from a DDP launch's), so say so instead of training under another engine."""
+    silently becomes plain DDP (checked: the model comes back wrapped in DistributedDataParallel), so
+    say so instead of training under another engine."""
     for engine, name in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
             raise ConfigError(f"{name} needs GPUs and this machine has "
-                              "none (accelerate would fall back to plain data parallelism); on CPU launch with "
-                              "configs/accelerate/ddp_cpu_2proc.yaml")
+                              "none (accelerate would fall back to plain data parallelism); on CPU run data-parallel "
+                              "with `torchrun --standalone --nproc_per_node N -m ptune.cli train ...`")
 
 
 def run_precision(cfg: TrainConfig) -> str:
@@ -193,6 +193,9 @@ class Trainer:
                                   else f"template {p.model.template.source!r}" for p in self.parts)
             print(f"ptune: {self.model.describe()}; {templates}; {len(self.train_ex)} train / "
                   f"{sum(len(p.val) for p in self.parts)} validation examples; precision {self.precision}", flush=True)
+            if self.acc.num_processes > 1:
+                print(f"ptune: {self.acc.num_processes} processes ({self.acc.distributed_type.value}), each takes an "
+                      "equal slice of every batch", flush=True)
 
     def epoch_pool(self, epoch: int) -> list[int]:
         """The training examples of one epoch (indices into ``train_ex``). One task: each once. Several:
@@ -321,11 +324,11 @@ class Trainer:
                 loss = self.model(**batch).loss
                 if self.extra_loss is not None:
                     loss = loss + self.extra_loss()
-            if not torch.isfinite(loss):
+            if not self._finite_everywhere(loss):  # decided together: every process stops or skips alike
                 self.optimizer.zero_grad(set_to_none=True)
                 if cfg.nan_policy == "stop":
                     raise PtuneError(
-                        f"loss became {float(loss.detach())} at step {st.step} (epoch {st.epoch}); stopped. "
+                        f"loss became {self._bad_loss} at step {st.step} (epoch {st.epoch}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}; lower --lr, or pass "
                         "--nan-policy skip to skip such batches")
                 st.skipped_batches += 1
@@ -342,6 +345,19 @@ class Trainer:
             self.after_step(st.step)
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses)
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process. Under DDP one process skipping a batch (or
+        stopping) while another goes on to backward() would desynchronise the gradient all-reduce, so
+        the decision is reduced across processes first (one small all-reduce per micro-batch)."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        self._bad_loss = float(loss.detach())
+        if self.acc.num_processes > 1:
+            ok = self.acc.reduce(finite.to(self.acc.device), reduction="sum")
+            if ok.item() < self.acc.num_processes and bool(finite.item()):
+                self._bad_loss = "non-finite on another process"
+            return ok.item() == self.acc.num_processes
+        return bool(finite.item())
 
     def _log_step(self, loss: float) -> None:
         self.running.append(loss)

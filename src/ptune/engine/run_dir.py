@@ -36,6 +36,7 @@ OWNER_NAME = ".ptune.lock.json"  # who holds the lock (the lock itself cannot sa
 CONFIG_NAME = "config.json"
 # options that change what the checkpoints mean: a resume may not change them
 FIXED = ("model", "task", "train_file", "validation_file", "test_file", "method", "method_options", "head",
+         "head_dropout", "share_prompt", "task_temperature", "ensemble", "init_from", "init_task",
          "pooling", "template", "max_length", "seed", "precision", "quantize", "trust_remote_code", "allow_pickle",
          "batch_size", "grad_accum", "limit_train")
 # the optimisation itself: changed on resume only when the user says so
