@@ -217,3 +217,25 @@ def test_multitask_cli_in_fresh_processes(tiny_model_dir, two_tasks, tmp_path):
     assert json.loads(r.stdout)["label"] in ("sport", "food")
     r = ptune_cli("predict", str(tmp_path / "run"), "the team won")
     assert r.returncode == 2 and "name one" in r.stderr and "--task NAME" in r.stderr
+
+
+def test_predict_mixed_adapters_from_the_cli(tiny_model_dir, toy_task, two_tasks, tmp_path, capsys):
+    from ptune.cli import main
+
+    files = {k: v for k, v in toy_task.items() if k != "task"}
+    train(cfg(tiny_model_dir, tmp_path / "a", toy_task["task"], max_steps=3, **files))
+    train(cfg(tiny_model_dir, tmp_path / "b", toy_task["task"], method="prompt_tuning", max_steps=3, **files))
+    rows = [{"adapter": "a", "text": "the team won"}, {"adapter": "b", "text": "bake the bread"},
+            {"adapter": "a", "text": "simmer the soup"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["predict", "--adapter", f"a={tmp_path / 'a'}", "--adapter", f"b={tmp_path / 'b'}",
+                 "--input", str(tmp_path / "mixed.jsonl"), "--json"]) == 0
+    got = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    for row, result in zip(rows, got):
+        alone = Run(tmp_path / row["adapter"]).predict([row["text"]])[0]
+        assert result["adapter"] == row["adapter"] and result["label"] == alone["label"]
+        assert result["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-5)
+    assert main(["predict", "--adapter", f"a={tmp_path / 'a'}", "--input", str(tmp_path / "mixed.jsonl")]) == 2
+    assert "unknown adapter 'b'" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "a"), "the team won", "--input", str(tmp_path / "mixed.jsonl")]) == 2

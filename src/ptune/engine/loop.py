@@ -172,7 +172,8 @@ class Trainer:
                                   f"which must all be higher-is-better; {', '.join(lower)} are not (train them alone)")
         self.model = build_model(cfg, tasks if multi else tasks[0], tokenizer, encoder_model=encoder)
         if cfg.init_from:
-            warm_start(self.model, cfg.init_from, cfg.init_task, log=say)
+            note = (lambda line: print(f"ptune: {line}", flush=True)) if self.is_main else None
+            warm_start(self.model, cfg.init_from, cfg.init_task, log=note)
         views = self.model.views if isinstance(self.model, MultiTaskModel) else [self.model]
         self.parts: list[TaskData] = []
         self.train_ex = []

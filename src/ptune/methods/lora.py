@@ -10,10 +10,10 @@ Targets: module-name suffixes (default: the attention query and value projection
 a regular expression written ``"re:<pattern>"`` (full match, as PEFT), or ``"all-linear"`` (every
 linear layer but the output head, as QLoRA). Wraps ``nn.Linear``, transformers' ``Conv1D`` (GPT-2,
 weight stored transposed) and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (QLoRA); quantized
-layers cannot be merged. Omitted: LoRA on embeddings and convolutions, DoRA / rsLoRA / PiSSA
-initialisations, and per-row LoRA pairs for mixed-task batches (the door is open: the adapter gets
-each batch's ``task_ids`` through ``attention_kwargs``, where a per-row variant would hand its
-layers the rows' (num_tasks, r, in) slices).
+layers cannot be merged. Per-row LoRA for mixed-adapter batches: :class:`MultiLowRankLayer` holds
+several adapters' branches on one base layer, each applied to its own rows (used by
+``ptune.AdapterSet``). Omitted: LoRA on embeddings and convolutions, DoRA / rsLoRA / PiSSA
+initialisations.
 """
 
 from __future__ import annotations
@@ -176,6 +176,51 @@ class LoraLinear(LowRankLayer):
 
     def update(self, h: torch.Tensor) -> torch.Tensor:
         return (h @ self.lora_A.T) @ self.lora_B.T * self.scaling
+
+
+class MultiLowRankLayer(nn.Module):
+    """One frozen linear-like layer shared by several low-rank branches, each applied to its own rows.
+
+    Batched multi-LoRA serving (``ptune.AdapterSet``): y = W x + sum over branches a of
+    mask_a * update_a(x), where ``update_a`` is a :class:`LowRankLayer`'s branch (LoRA, AdaLoRA,
+    QLoRA) computed on branch a's rows only. ``branches`` maps a key to a layer built on this same
+    base layer (only its ``update`` and ``dropout`` are used; it is kept in a plain dict, so its
+    tensors are not registered as the base's parameters). ``route`` lists, for the forward call in
+    progress, (key, rows) pairs, rows being a slice of the batch (cheapest: a view, updated in place
+    under ``torch.no_grad``), a tensor of row indices, or None for every row; rows routed to no
+    branch get W x alone.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.branches: dict[str, LowRankLayer] = {}
+        self.route: list[tuple[str, slice | torch.Tensor | None]] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for key, rows in self.route:
+            branch = self.branches.get(key)
+            if branch is None or branch.disabled:
+                continue
+            h = x if rows is None else x[rows]
+            delta = branch.update(branch.dropout(h).to(branch.lora_A.dtype)).to(y.dtype)
+            if rows is None:
+                y = y + delta
+            elif isinstance(rows, slice) and not torch.is_grad_enabled():
+                y[rows] += delta  # a fresh output, no graph to keep: add in place on the rows' view
+            else:
+                index = rows if isinstance(rows, torch.Tensor) else torch.arange(y.shape[0], device=y.device)[rows]
+                y = y.index_add(0, index, delta)
+        return y
 
 
 def _matches(name: str, target: str) -> bool:

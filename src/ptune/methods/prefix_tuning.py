@@ -34,23 +34,39 @@ ATTN_IMPL = "ptune_sdpa"
 
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, ptune_prefix: torch.Tensor | None = None,
-                     **kwargs: Any):
-    """SDPA attention with this layer's prefix keys/values in front. query (B, H, Tq, D)."""
+                     ptune_prefix_mask: torch.Tensor | None = None, **kwargs: Any):
+    """SDPA attention with this layer's prefix keys/values in front. query (B, H, Tq, D).
+
+    ``ptune_prefix_mask`` (B, P) bool, optional: which prefix positions each row attends to, for a
+    batch whose rows carry prefixes of different lengths padded to the longest (or none at all:
+    an all-False row computes what the base computes); None: every prefix position is visible.
+    """
     if ptune_prefix is not None:
         pk = ptune_prefix[:, module.layer_idx, 0].to(key.dtype)  # (B, Hkv, P, D)
         pv = ptune_prefix[:, module.layer_idx, 1].to(value.dtype)
-        P, Tq, Tk = pk.shape[2], query.shape[2], key.shape[2]
+        B, P, Tq, Tk = pk.shape[0], pk.shape[2], query.shape[2], key.shape[2]
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
         if attention_mask is None:
-            if not kwargs.get("is_causal", getattr(module, "is_causal", False)):
+            if not causal and ptune_prefix_mask is None:
                 # every key visible: no mask, so SDPA keeps its unmasked fast path
                 return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-            m = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)  # causal, now that Tk grows
-            attention_mask = m.tril(diagonal=Tk - Tq)[None, None]
-        if attention_mask.dtype == torch.bool:
-            front = attention_mask.new_ones(attention_mask.shape[:-1] + (P,))
+            m = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
+            attention_mask = (m.tril(diagonal=Tk - Tq) if causal else m)[None, None]  # causal, now that Tk grows
+        if ptune_prefix_mask is None:
+            if attention_mask.dtype == torch.bool:
+                front = attention_mask.new_ones(attention_mask.shape[:-1] + (P,))
+            else:
+                front = attention_mask.new_zeros(attention_mask.shape[:-1] + (P,))
         else:
-            front = attention_mask.new_zeros(attention_mask.shape[:-1] + (P,))
+            attention_mask = attention_mask.expand(B, *attention_mask.shape[1:])
+            keep = ptune_prefix_mask.to(device=query.device, dtype=torch.bool)[:, None, None, :]
+            keep = keep.expand(*attention_mask.shape[:-1], P)  # (B, heads or 1, Tq, P)
+            if attention_mask.dtype == torch.bool:
+                front = keep
+            else:  # an additive mask: 0 where visible, the dtype's lowest value where not
+                front = torch.zeros(keep.shape, dtype=attention_mask.dtype, device=attention_mask.device)
+                front = front.masked_fill(~keep, torch.finfo(attention_mask.dtype).min)
         attention_mask = torch.cat([front, attention_mask], dim=-1)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -132,6 +148,7 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixAdapter(IdentityHooks):
+    task_tables = ("encoder.embedding",)  # the first dimension is the prompt table (see ptune.transfer)
     def __init__(self, config: PrefixTuningConfig, facts: Any) -> None:
         super().__init__()
         self.config = config
