@@ -15,10 +15,12 @@ from .models import load_base, load_tokenizer  # noqa: E402
 from .spec import BaseSpec, RunSpec  # noqa: E402
 from .templates import Template, TemplateEncoder  # noqa: E402
 from . import batching  # noqa: E402  (ptune.batching.collate, as the README uses it)
+from .export import export_merged  # noqa: E402  (the generic one: ptune.export.export)
+from .adapter_set import AdapterSet, predict_mixed  # noqa: E402
 
-__all__ = ["apply", "export_peft", "from_spec", "load_adapter", "read_adapter_config", "read_spec", "save_adapter",
+__all__ = ["apply", "export_peft", "export_merged", "from_spec", "load_adapter", "read_adapter_config", "read_spec", "save_adapter",
            "AdapterMismatchError", "ConfigError", "DataError", "ModelLoadError", "PtuneError", "TemplateError",
            "UnsupportedModelError", "HEAD_KINDS", "HeadConfig", "AdaLoraConfig", "BitFitConfig", "FullFinetuneConfig",
            "LoraConfig", "ManualConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config",
            "QLoraConfig", "make_config", "merge_and_unload", "PtuneModel", "load_base", "load_tokenizer", "BaseSpec",
-           "RunSpec", "Template", "TemplateEncoder", "batching", "__version__"]
+           "RunSpec", "Template", "TemplateEncoder", "batching", "AdapterSet", "predict_mixed", "__version__"]

@@ -27,7 +27,7 @@ from . import __version__
 from .errors import AdapterMismatchError, ConfigError, PtuneError
 from .heads import HeadConfig, head_kind
 from .methods import method_entry
-from .methods.base import PeftExportable, ReloadHook
+from .methods.base import ReloadHook
 from .model import PtuneModel
 from .models import LOAD_OPTIONS, arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
 from .spec import FORMAT_VERSION, BaseSpec, RunSpec, spec_from_dict
@@ -218,32 +218,15 @@ def load_trainable(model: PtuneModel, tensors: dict[str, torch.Tensor], source: 
         model.adapter.after_load()
 
 
-def export_peft(model: PtuneModel, path: str | Path) -> Path:
-    """Write the adapter in HF PEFT's layout (``PeftModel.from_pretrained`` reads it).
+def export_peft(model: PtuneModel | str | Path, path: str | Path | None = None, **kwargs: Any) -> Path:
+    """Write the adapter in HF PEFT's layout (``PeftModel.from_pretrained`` reads it); returns the folder.
 
-    Prompt methods export their (encoded) prompt for task 0; the task head is not part of PEFT's
-    layout and is written beside it as ``ptune_head.safetensors``. Deep prompts: PEFT feeds prefixes
-    as a KV cache, so its real tokens sit at positions P..P+T-1 where ptune keeps 0..T-1; the
-    exported prefixes are the same tensors, but PEFT's outputs differ from ptune's by that shift.
+    A thin front for :func:`ptune.export.export_peft` (options, the head as the client's own head
+    where transformers has one of the same form, and the exactness report: see :mod:`ptune.export`).
     """
-    if not isinstance(model.adapter, PeftExportable):
-        raise ConfigError(f"{model.method} has no HF PEFT equivalent to export to")
-    facts = arch_facts(model.base)
-    extra, tensors = model.adapter.peft_export(facts)
-    task_type = head_kind(model.head_config.kind).peft_task_type(facts.is_encoder)
-    cfg = {"base_model_name_or_path": model.fingerprint.get("name"), "task_type": task_type,
-           "inference_mode": True, "revision": None, **extra}
-    if extra["peft_type"] in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):  # they describe the model they prompt
-        cfg.update(num_transformer_submodules=1, token_dim=facts.hidden_size,
-                   num_attention_heads=facts.num_attention_heads, num_layers=facts.num_layers)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    head = {k: v.contiguous() for k, v in model.head.state_dict().items()}
-    if head:
-        save_file(head, str(path / "ptune_head.safetensors"))
-    return path
+    from .export import export_peft as _export_peft
+
+    return _export_peft(model, path, **kwargs)
 
 
 __all__ = ["apply", "from_spec", "save_adapter", "load_adapter", "read_spec", "load_base_for", "export_peft",

@@ -84,7 +84,7 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     for name, (cls, _) in METHODS.items():
         comments = _field_docs(cls)
         for f in dataclasses.fields(cls):
-            if f.name not in train_fields:
+            if f.name not in train_fields and f.name != "num_tasks":  # follows from --task a,b / --ensemble
                 owners.setdefault(f.name, []).append(name)
                 docs.setdefault(f.name, comments.get(f.name, ""))
     for option, methods in owners.items():
@@ -170,6 +170,11 @@ def _predict(args: argparse.Namespace) -> int:
     from .data import load_records
     from .errors import ConfigError
 
+    if args.adapter:  # several runs on one base, each input line naming its adapter
+        return _predict_mixed(args)
+    if args.input:
+        raise ConfigError("--input reads rows that name their adapter; give the adapters with --adapter "
+                          "(or label a file with one run: --file)")
     if args.zero_shot and args.run:  # no run directory: the first positional is a text
         args.text, args.run = [args.run, *args.text], None
     run = _open_run(args)
@@ -179,13 +184,37 @@ def _predict(args: argparse.Namespace) -> int:
     if not inputs:
         raise ConfigError("give some text to label, or --file")
     for result in run.predict(inputs, vote=args.vote):
-        if args.json:
-            print(json.dumps(result))
-        elif "tags" in result:
-            print(" ".join(f"{t}/{g}" for t, g in zip(result["tokens"], result["tags"])))
-        else:
-            probs = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:5]  # the top 5
-            print(f"{result['label']}\t" + "  ".join(f"{k}={v:.3f}" for k, v in probs))
+        _print_result(result, args.json)
+    return 0
+
+
+def _print_result(result: dict, as_json: bool, prefix: str = "") -> None:
+    if as_json:
+        print(json.dumps(result))
+    elif "error" in result:
+        print(f"{prefix}error: {result['error']}")
+    elif "tags" in result:
+        print(prefix + " ".join(f"{t}/{g}" for t, g in zip(result["tokens"], result["tags"])))
+    else:
+        probs = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:5]  # the top 5
+        print(f"{prefix}{result['label']}\t" + "  ".join(f"{k}={v:.3f}" for k, v in probs))
+
+
+def _predict_mixed(args: argparse.Namespace) -> int:
+    from .adapter_set import predict_mixed
+    from .errors import ConfigError
+
+    if args.run or args.text or args.zero_shot or args.file:
+        raise ConfigError("with --adapter, give the inputs as --input FILE (each row names its adapter: "
+                          '{"adapter": "bbc", "text": "..."}), not a run or texts')
+    if not args.input:
+        raise ConfigError('--adapter needs --input FILE, rows like {"adapter": "bbc", "text": "..."}')
+    options = {k[3:]: v for k, v in vars(args).items() if k.startswith("zs.")}
+    consent = {k: options.pop(k) for k in RUN_CONSENT if k in options}
+    if options:
+        raise ConfigError(f"{', '.join(_flag(k) for k in options)} do not apply to --adapter runs")
+    for result in predict_mixed(args.adapter, args.input, batch_size=args.batch_size, **consent):
+        _print_result(result, args.json, f"{result['adapter']}\t")
     return 0
 
 
@@ -199,6 +228,37 @@ def _generate(args: argparse.Namespace) -> int:
     for text in Run(args.run, **consent).generate(args.prompt, max_new_tokens=args.max_new_tokens, **options):
         print(text)
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.run, args.output, args.format, overwrite=args.overwrite, strict=args.strict,
+                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, warn=False)
+    print(f"ptune: exported {result.format} to {result.path}")
+    print(f"ptune: load it with {result.client}")
+    for note in result.notes:
+        print(f"ptune: note: {note}")
+    if result.exact:
+        measured = "" if result.max_abs_diff is None else \
+            f" (largest logit difference on the probe inputs: {result.max_abs_diff:.3g})"
+        print(f"ptune: the client reproduces ptune's outputs{measured}")
+    else:
+        print(f"ptune: warning: {result.message()}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ConfigError(f"ptune serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
+                          "pip install 'ptune[serve]' (or ./install.sh serve)") from None
+    options = {k: getattr(args, k) for k in ("max_batch_size", "max_wait_ms", "max_input_chars", "max_rows_per_request",
+                                             "max_new_tokens", "max_queue_rows", "allow_admin", *RUN_CONSENT)}
+    return serve(args.adapters, host=args.host, port=args.port, log_level=args.log_level, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("text", nargs="*", help="texts to label")
     pr.add_argument("--file", help="a data file of records to label")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--adapter", action="append", metavar="[NAME=]RUN",
+                    help="several runs on one frozen base (repeat the flag); rows of --input name their adapter "
+                         "and are scored together in mixed batches")
+    pr.add_argument("--input", help='with --adapter: a JSONL/CSV/JSON file of rows {"adapter": NAME, "text": ...}')
+    pr.add_argument("--batch-size", type=int, default=32, help="with --adapter: rows per mixed batch")
     pr.add_argument("--vote", choices=("mean", "majority"), default="mean",
                     help="a prompt ensemble's answer: mean probability (default) or the members' majority label")
     pr.set_defaults(func=_predict)
@@ -230,6 +295,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true", help="the run's base was loaded with remote code")
     g.add_argument("--allow-pickle", action="store_true", help="the run's base has pickle weight files")
     g.set_defaults(func=_generate)
+    x = sub.add_parser("export", help="export a run to HF PEFT or to a merged transformers model",
+                       description="Export a finished run (or an adapter folder) for its real clients: --format peft "
+                                   "for peft.PeftModel.from_pretrained, --format merged for a plain transformers "
+                                   "folder (weight-side methods). Says whether the client reproduces ptune's outputs "
+                                   "and, where not, why and by how much (also in ptune_export.json).")
+    x.add_argument("run", help="run directory or adapter folder")
+    x.add_argument("--format", default="peft", help="peft (default) or merged")
+    x.add_argument("--output", help="folder to write (default: RUN/export-FORMAT)")
+    x.add_argument("--overwrite", action="store_true", help="replace a previous export in --output")
+    x.add_argument("--strict", action="store_true", help="refuse an export whose client differs from ptune")
+    x.add_argument("--trust-remote-code", action="store_true", help="the run's base was loaded with remote code")
+    x.add_argument("--allow-pickle", action="store_true", help="the run's base has pickle weight files")
+    x.set_defaults(func=_export)
+    sv = sub.add_parser("serve", help="serve runs over HTTP: one base, requests of all adapters batched together",
+                        description="Serve finished runs (or adapter folders) over HTTP on one frozen base: POST "
+                                    "/v1/predict, /v1/generate (causal-LM runs), GET /v1/adapters, /health, /metrics, "
+                                    "a playground at / and the API docs at /docs. Needs the serve extra.")
+    sv.add_argument("adapters", nargs="+", metavar="[NAME=]RUN", help="run directories or adapter folders (named after "
+                    "their folder unless NAME= is given)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="most rows in one forward pass (default 32)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to share its "
+                    "batch (default 10)")
+    sv.add_argument("--max-input-chars", type=int, default=10_000, help="most characters per input (default 10000)")
+    sv.add_argument("--max-rows-per-request", type=int, default=64, help="most inputs per request (default 64)")
+    sv.add_argument("--max-new-tokens", type=int, default=256, help="most tokens one generate request may ask for "
+                    "(default 256)")
+    sv.add_argument("--max-queue-rows", type=int, default=4096, help="queued rows beyond which requests get 503 "
+                    "(default 4096)")
+    sv.add_argument("--allow-admin", action="store_true", help="allow POST /v1/adapters and DELETE "
+                    "/v1/adapters/NAME (load and unload adapters at run time)")
+    sv.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    sv.add_argument("--trust-remote-code", action="store_true", help="the runs' base was loaded with remote code")
+    sv.add_argument("--allow-pickle", action="store_true", help="the runs' base has pickle weight files")
+    sv.set_defaults(func=_serve)
     return parser
 
 

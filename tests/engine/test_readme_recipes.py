@@ -34,7 +34,10 @@ def recipe_lines(marker: str) -> list[list[str]]:
 
 def test_multitask_recipe_runs_as_written(tmp_path):
     lines = recipe_lines("<!-- multitask-recipe -->")
-    assert [a[0] for a in lines] == ["train", "eval", "eval", "predict", "train", "train", "train", "predict"]
+    assert [a[0] for a in lines] == ["train", "eval", "eval", "predict", "train", "train", "train", "predict",
+                                     "train", "predict"]
+    mixed = re.search(r"<!-- mixed-jsonl -->\n```json\n(.*?)```", README.read_text(), flags=re.S)
+    (tmp_path / "mixed.jsonl").write_text(mixed.group(1))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for args in lines:
         extra = SHORT_TRAIN if args[0] == "train" else (["--limit", "16"] if args[0] == "eval" else [])
@@ -45,6 +48,10 @@ def test_multitask_recipe_runs_as_written(tmp_path):
             assert '"bbc/accuracy"' in r.stdout and '"wnut/f1"' in r.stdout and '"mean_score"' in r.stdout
         if "--init-from" in args:
             assert "warm start from runs/pre/best" in r.stdout
-        if args[0] == "predict":
+        if args[0] == "predict" and "--adapter" in args:  # one line per row: adapter, then its answer
+            out = r.stdout.splitlines()
+            assert [x.split("\t")[0] for x in out] == ["bbc", "wnut", "bbc"]
+            assert "/" in out[1]  # the tagging adapter answers token/tag pairs
+        elif args[0] == "predict":
             assert r.stdout.split("\t")[0] in ("business", "entertainment", "politics", "sport", "tech")
     assert (tmp_path / "runs" / "ens" / "best" / "adapter_config.json").is_file()
