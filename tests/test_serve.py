@@ -395,3 +395,43 @@ def test_playground_in_headless_chromium(aset, tmp_path):
     bars = [label for label in TOPIC3.labels if f'data-label="{label}"' in dom]
     assert bars == list(TOPIC3.labels) and dom.count('class="bar"') == 3
     assert 'class="row top"' in dom
+
+
+def test_per_adapter_batching_gives_one_forward_pass_per_adapter(aset, monkeypatch):
+    """--batching per-adapter: the same concurrent requests of two adapters as in the mixed test above are
+    scored in TWO forward passes, one adapter each (mixed: one), with the same answers."""
+    with pytest.raises(ptune.ConfigError, match="--batching='both' must be one of mixed, per-adapter"):
+        create_app(aset, batching="both")
+    calls = []
+    forward = aset._forward
+    monkeypatch.setattr(aset, "_forward", lambda batch, groups, lengths: calls.append(sorted(groups)) or
+                        forward(batch, groups, lengths))
+    requests = [{"adapter": "topic", "inputs": TEXTS[:2]}, {"adapter": "ner", "inputs": ["John lives in Paris"] * 3}]
+    alone = [aset.predict([{"adapter": r["adapter"], "text": t} for t in r["inputs"]]) for r in requests]
+    calls.clear()
+    # the first batch closes as soon as the other adapter's request is set aside; the second waits out 2 s
+    with TestClient(create_app(aset, max_wait_ms=2_000, max_batch_size=5, batching="per-adapter")) as c:
+        assert c.get("/health").json()["batching"] == "per-adapter"
+        gate = threading.Barrier(len(requests))
+
+        def send(body):
+            gate.wait()
+            return c.post("/v1/predict", json=body)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(send, requests))
+        assert time.perf_counter() - started < 20
+        samples = metric_samples(c.get("/metrics").text)
+    assert sorted(calls) == [["ner"], ["topic"]]  # TWO forward passes, one adapter each
+    for r, want in zip(answers, alone):
+        assert r.status_code == 200, r.text
+        for got, ref in zip(r.json()["results"], want):
+            assert got.keys() == ref.keys()
+            if "tags" in ref:
+                assert got == ref
+            else:
+                assert got["probabilities"] == pytest.approx(ref["probabilities"], abs=1e-5)
+    by_le = {s.labels["le"]: s.value for s in samples["ptune_batch_adapters_bucket"]}
+    assert by_le["1.0"] == 2  # two batches, of one adapter each
+    assert samples["ptune_batch_rows_sum"][0].value == 5 and samples["ptune_batch_requests_sum"][0].value == 2

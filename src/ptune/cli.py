@@ -257,7 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"ptune serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
                           "pip install 'ptune[serve]' (or ./install.sh serve)") from None
     options = {k: getattr(args, k) for k in ("max_batch_size", "max_wait_ms", "max_input_chars", "max_rows_per_request",
-                                             "max_new_tokens", "max_queue_rows", "allow_admin", *RUN_CONSENT)}
+                                             "max_new_tokens", "max_queue_rows", "allow_admin", "batching",
+                                             *RUN_CONSENT)}
     return serve(args.adapters, host=args.host, port=args.port, log_level=args.log_level, **options)
 
 
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-size", type=int, default=32, help="most rows in one forward pass (default 32)")
     sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to share its "
                     "batch (default 10)")
+    sv.add_argument("--batching", choices=("mixed", "per-adapter"), default="mixed", help="mixed (default): "
+                    "requests of any adapters share one forward pass; per-adapter: one adapter per forward pass "
+                    "(how a server of one adapter at a time batches; for comparison)")
     sv.add_argument("--max-input-chars", type=int, default=10_000, help="most characters per input (default 10000)")
     sv.add_argument("--max-rows-per-request", type=int, default=64, help="most inputs per request (default 64)")
     sv.add_argument("--max-new-tokens", type=int, default=256, help="most tokens one generate request may ask for "

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .page import PLAYGROUND
 from .schemas import (ERRORS, NAME_RE, AddAdapterRequest, ApiError, GenerateRequest, GenerateResponse, Limits,
                       PredictRequest, PredictResponse, _check_rows, _check_text, _record, _validation_message)
-from .service import Adapters, Service
+from .service import BATCHING, Adapters, Service
 
 # ---------------------------------------------------------------------------------------------- the app
 
@@ -100,15 +100,19 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
                max_batch_size: int = 32, max_wait_ms: float = 10.0, allow_admin: bool = False,
                max_input_chars: int = 10_000, max_rows_per_request: int = 64, max_new_tokens: int = 256,
                max_queue_rows: int = 4096, runs: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> FastAPI:
+               allow_pickle: bool = False, batching: str = "mixed") -> FastAPI:
     """The FastAPI app serving ``adapter_set_or_paths``: an :class:`AdapterSet` (plus ``runs``, ``{name: Run}``
     of causal-LM adapters for /v1/generate), or run directories / adapter folders (``[name=]path`` strings
     or ``{name: path}``), loaded here: a missing run or adapters of different bases raise a
-    :class:`~ptune.errors.PtuneError` now, before anything is served. Limits: see :class:`Limits`."""
+    :class:`~ptune.errors.PtuneError` now, before anything is served. Limits: see :class:`Limits`.
+    ``batching``: ``"mixed"`` (requests of any adapters share a forward pass) or ``"per-adapter"`` (one
+    adapter per forward pass, for comparison); see :class:`~ptune.serve.service.Service`."""
     limits = Limits(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_input_chars=max_input_chars,
                     max_rows_per_request=max_rows_per_request, max_new_tokens=max_new_tokens,
                     max_queue_rows=max_queue_rows)
     limits.check()
+    if batching not in BATCHING:
+        raise ConfigError(f"--batching={batching!r} must be one of {', '.join(BATCHING)}")
     consent = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     if isinstance(adapter_set_or_paths, Adapters):
         adapters = adapter_set_or_paths
@@ -121,7 +125,7 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
         adapters.runs[name] = run
     if not adapters.names and not allow_admin:
         raise ConfigError("no adapter to serve: give at least one run directory or adapter folder")
-    service = Service(adapters, limits, allow_admin)
+    service = Service(adapters, limits, allow_admin, batching)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -232,7 +236,8 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
     async def health() -> dict[str, Any]:
         running = service.batcher is not None and not service.batcher.done()
         return {"status": "ok" if running and not service.closing else "stopping" if service.closing else "stopped",
-                "adapters": len(adapters.names), "queued_rows": service.queued_rows, "batches": service.batches}
+                "adapters": len(adapters.names), "queued_rows": service.queued_rows, "batches": service.batches,
+                "batching": service.batching}
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
     async def metrics() -> Response:

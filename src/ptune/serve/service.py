@@ -1,7 +1,8 @@
 """What runs behind the endpoints: :class:`Adapters` (the labelling adapters in one ``AdapterSet`` and the
 causal-LM ones as ``Run``s, all on one base), the Prometheus :class:`Metrics`, and :class:`Service`,
 the asyncio queue and batching task that gathers requests of any adapters into one ``predict_batch``
-call, with every model call on one worker thread.
+call (``batching="mixed"``; ``"per-adapter"``: only requests of one adapter per call), with every model
+call on one worker thread.
 """
 
 import asyncio
@@ -199,7 +200,7 @@ class Metrics:
                                       "retried one by one)", registry=r)
         Gauge("ptune_queue_rows", "rows waiting to be batched", registry=r).set_function(lambda: service.queued_rows)
         Gauge("ptune_queue_requests", "requests waiting to be batched", registry=r).set_function(
-            lambda: service.queue.qsize() if service.queue is not None else 0)
+            lambda: (service.queue.qsize() if service.queue is not None else 0) + len(service.held))
         Gauge("ptune_adapters", "adapters loaded", registry=r).set_function(lambda: len(service.adapters.names))
 
 
@@ -215,16 +216,26 @@ class _Job:
 
 
 _STOP = object()
+BATCHING = ("mixed", "per-adapter")
 _SCORING_FAILED = re.compile(r"^row \d+ \(adapter '.*?'\): ([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): ")
 
 
 class Service:
-    """The queue, the batching task and the one worker thread every model call runs on."""
+    """The queue, the batching task and the one worker thread every model call runs on.
 
-    def __init__(self, adapters: Adapters, limits: Limits, allow_admin: bool) -> None:
+    ``batching``: ``"mixed"`` gathers requests of any adapters into one forward pass; ``"per-adapter"``
+    gathers only requests of the adapter of the oldest waiting one (one adapter per forward pass, as a
+    server of one adapter at a time does), setting the others aside, in arrival order, for the next
+    batches; it does not wait out ``max_wait_ms`` while requests of other adapters are set aside."""
+
+    def __init__(self, adapters: Adapters, limits: Limits, allow_admin: bool, batching: str = "mixed") -> None:
+        if batching not in BATCHING:
+            raise ConfigError(f"--batching={batching!r} must be one of {', '.join(BATCHING)}")
         self.adapters = adapters
         self.limits = limits
         self.allow_admin = allow_admin
+        self.batching = batching
+        self.held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet in a batch
         self.queue: asyncio.Queue | None = None
         self.queued_rows = 0
         self.closing = False
@@ -238,6 +249,7 @@ class Service:
     async def start(self) -> None:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptune-model")
         self.queue = asyncio.Queue()
+        self.held.clear()
         self.queued_rows, self.closing = 0, False
         self.batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="ptune-batcher")
 
@@ -288,31 +300,48 @@ class Service:
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         wait = self.limits.max_wait_ms / 1000
-        pending: Any = None
+        most = self.limits.max_batch_size
+        per_adapter = self.batching == "per-adapter"
+        held = self.held  # jobs taken off the queue that did not join the last batch, in arrival order
         stopping = False
-        while not stopping:
-            job = pending if pending is not None else await self.queue.get()
-            pending = None
-            if job is _STOP:
+        while True:
+            if held:
+                job = held.popleft()
+            elif stopping:
                 break
+            else:
+                job = await self.queue.get()
+                if job is _STOP:
+                    break
             jobs, rows = [job], len(job.rows)
+            for other in list(held):  # held jobs first: they came before anything still queued
+                if per_adapter and other.adapter != job.adapter:
+                    continue
+                if rows + len(other.rows) > most:
+                    break
+                held.remove(other)
+                jobs.append(other)
+                rows += len(other.rows)
             deadline = loop.time() + wait
-            while rows < self.limits.max_batch_size:
+            while rows < most and not stopping:
                 try:
                     nxt = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     left = deadline - loop.time()
-                    if left <= 0:
+                    if left <= 0 or held:  # per-adapter: other adapters' requests wait; do not make them wait more
                         break
                     try:
                         nxt = await asyncio.wait_for(self.queue.get(), left)
                     except asyncio.TimeoutError:
                         break
                 if nxt is _STOP:
-                    stopping = True  # score what was gathered (everything queued before the stop), then end
+                    stopping = True  # score what was gathered and held (everything queued before the stop), then end
                     break
-                if rows + len(nxt.rows) > self.limits.max_batch_size:
-                    pending = nxt  # opens the next batch
+                if per_adapter and nxt.adapter != job.adapter:
+                    held.append(nxt)  # waits for a batch of its own adapter
+                    continue
+                if rows + len(nxt.rows) > most:
+                    held.append(nxt)  # opens the next batch
                     break
                 jobs.append(nxt)
                 rows += len(nxt.rows)
@@ -322,8 +351,6 @@ class Service:
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(ApiError(500, f"{type(e).__name__}: {e}"))
-        if pending is not None and pending is not _STOP:  # (cannot happen: the stop comes last) answer it anyway
-            await self._run_batch([pending])
 
     async def _run_batch(self, jobs: list[_Job]) -> None:
         now = time.perf_counter()
