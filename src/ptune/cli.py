@@ -59,18 +59,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _train_parser(sub: Any) -> argparse.ArgumentParser:
+
+def add_train_options(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """One flag per TrainConfig field (but ``exclude``) and per method option (dest ``method.NAME``)."""
     from .engine.config import TrainConfig
     from .methods import METHODS
 
-    p = sub.add_parser("train", help="train an adapter (defaults: P-Tuning v2, MiniLM, bbc)",
-                       description="Train an adapter. With no arguments: P-Tuning v2 on the packaged MiniLM "
-                                   "model and the built-in bbc task.")
-    p.add_argument("--config", help="YAML file of options (flags override it)")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     notes = _field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "method_options":
+        if f.name == "method_options" or f.name in exclude:
             continue
         text = f"{TRAIN_HELP.get(f.name) or notes.get(f.name, '')} (default {f.default})".strip()
         if isinstance(f.default, bool):
@@ -90,15 +88,30 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     for option, methods in owners.items():
         group.add_argument(_flag(option), dest=f"method.{option}", type=_value, default=argparse.SUPPRESS,
                            metavar="VALUE", help=f"{docs[option]} [{', '.join(methods)}]".strip())
+
+
+def train_values(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The TrainConfig values given as flags, method options gathered under ``method_options``."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", *skip)}
+    options = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method.")}
+    plain = {k: v for k, v in values.items() if not k.startswith("method.")}
+    return {**plain, "method_options": options}
+
+
+def _train_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train an adapter (defaults: P-Tuning v2, MiniLM, bbc)",
+                       description="Train an adapter. With no arguments: P-Tuning v2 on the packaged MiniLM "
+                                   "model and the built-in bbc task.")
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    add_train_options(p)
     return p
 
 
 def _train(args: argparse.Namespace) -> int:
     from .engine import TrainConfig, train
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    options = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method.")}
-    plain = {k: v for k, v in values.items() if not k.startswith("method.")}
+    plain = train_values(args)
+    options = plain.pop("method_options")
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, **plain, method_options=options)
     else:
@@ -335,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--trust-remote-code", action="store_true", help="the runs' base was loaded with remote code")
     sv.add_argument("--allow-pickle", action="store_true", help="the runs' base has pickle weight files")
     sv.set_defaults(func=_serve)
+    from .studies.cli import add_study_parsers
+
+    add_study_parsers(sub)
     return parser
 
 

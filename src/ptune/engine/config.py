@@ -86,6 +86,8 @@ class TrainConfig:
     """passes over the training data (fractions allowed)"""
     max_steps: int = 0
     """> 0: stop after this many optimizer steps"""
+    max_minutes: float = 0.0
+    """> 0: stop training after this many minutes (of this session), then evaluate and test as usual (a time-boxed run)"""
     batch_size: int = 32
     """training examples per optimizer step (before --grad-accum)"""
     eval_batch_size: int = 64
@@ -159,6 +161,7 @@ class TrainConfig:
              "a positive number"),
             (self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {SCHEDULERS}"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)"),
+            (self.max_minutes >= 0, "max_minutes", self.max_minutes, "0 (no limit) or a positive number"),
             (self.save_every >= 0, "save_every", self.save_every, "0 or a positive integer"),
             (self.eval_every >= 0, "eval_every", self.eval_every, "0 or a positive integer"),
             (self.grad_accum >= 1, "grad_accum", self.grad_accum, "a positive integer"),

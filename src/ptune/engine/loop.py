@@ -267,6 +267,7 @@ class Trainer:
         self.model.train()
         stop = self.state.step >= self.total
         self.t0, self.seen, self.running = time.perf_counter(), 0, []
+        self.out_of_time, self.evaluated_at = False, None
         try:
             while not stop:
                 stop = self.run_epoch()
@@ -297,7 +298,7 @@ class Trainer:
                 continue
             st.step += 1
             self._log_step(loss)
-            stop = st.step >= self.total
+            stop = st.step >= self.total or self._out_of_time()
             if cfg.eval_every and st.step % cfg.eval_every == 0:
                 stop = self.evaluate_and_checkpoint() or stop
             elif cfg.save_every and st.step % cfg.save_every == 0:
@@ -309,7 +310,19 @@ class Trainer:
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             if not cfg.eval_every:
                 stop = self.evaluate_and_checkpoint() or stop
+        if self.out_of_time and self.evaluated_at != st.step:  # the time-boxed run's last steps count too
+            self.evaluate_and_checkpoint()
         return stop
+
+    def _out_of_time(self) -> bool:
+        """--max-minutes spent (decided by the main process, so every process stops at the same step)."""
+        if not self.cfg.max_minutes:
+            return False
+        late = torch.tensor(float(time.perf_counter() - self.t0 >= 60 * self.cfg.max_minutes))
+        if self.acc.num_processes > 1:
+            late = self.acc.reduce(late.to(self.acc.device), reduction="sum").cpu()
+        self.out_of_time = bool(late.item())
+        return self.out_of_time
 
     def train_step(self, group: list[list[int]]) -> float | None:
         """One optimizer step over ``group`` (grad_accum batches); returns the mean loss, or None when a
@@ -417,6 +430,7 @@ class Trainer:
         """Evaluate, keep the best adapter, checkpoint; True when early stopping says stop."""
         cfg, st = self.cfg, self.state
         started = time.perf_counter()
+        self.evaluated_at = st.step
         try:
             metrics = self.evaluate()
             self._keep_best(metrics[self.metric_key])
@@ -487,6 +501,8 @@ class Trainer:
                                               "test": len(self.test_examples(p))} for p in self.parts}
         if cfg.ensemble > 1:
             summary["ensemble"] = cfg.ensemble
+        if getattr(self, "out_of_time", False):
+            summary["stopped"] = f"time budget (--max-minutes {cfg.max_minutes})"
         if self.is_main:
             tmp = run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))

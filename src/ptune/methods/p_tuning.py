@@ -6,7 +6,9 @@ encoder maps trainable inputs h_0..h_{N-1} to the vectors that fill the placehol
 paper found to train faster and more stably. Encoders: ``lstm`` (a 2-layer bi-LSTM then a 2-layer
 MLP, as the paper and HF PEFT), ``mlp`` (``encoder_num_layers`` linear layers with ReLU between) or
 ``none`` (the inputs are used as they are). Options: ``residual`` adds the encoder input to its
-output, ``layer_norm`` normalises the output, ``encoder_dropout`` acts on the encoder input (and between LSTM layers). The encoder is
+output, ``layer_norm`` normalises the output, ``hidden_layer_norm`` normalises each hidden layer of the
+MLP (Linear -> LayerNorm -> ReLU -> Dropout -> Linear, the lab's encoder), ``encoder_dropout`` acts on
+the encoder input, between LSTM layers and between MLP layers. The encoder is
 part of the saved adapter, so training can resume. With several prompt tables (tasks of a multi-task
 run, ensemble members) one encoder reads every table's inputs (``task_encoders="shared"``) or each
 table has its own (``per_task``, the lab's MultiTaskPromptEncoder). Omitted: the paper's per-task anchor search.
@@ -22,7 +24,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
-from .prompt_tuning import InputPrompts, _check_common, prompt_tables
+from .base import IdentityHooks
+from .prompt_tuning import InputPrompts, NoPrompt, _check_common, check_prompt_length, prompt_tables, without_prompts
 
 ENCODERS = ("lstm", "mlp", "none")
 TASK_ENCODERS = ("shared", "per_task")
@@ -36,19 +39,21 @@ class PTuningConfig:
     template: str | None = None
     """with [P:n] markers; None: "[P:num_virtual_tokens]" before the task template"""
     num_virtual_tokens: int = 10
-    """used only when template is None"""
+    """used only when template is None; 0 = no virtual tokens at all (the frozen base and the head alone: an ablation / sweep baseline)"""
     encoder: str = "lstm"
     """lstm | mlp | none"""
     encoder_hidden_size: int | None = None
     """default: the model's hidden size (lstm: half of it per direction)"""
     encoder_num_layers: int = 2
-    """LSTM layers, or linear layers of the MLP"""
+    """lstm: bi-LSTM layers (its 2-layer MLP head stays); mlp: linear layers (1 = one linear map, no hidden layer)"""
     residual: bool = False
-    """add the encoder's input to its output"""
+    """add the encoder's input to its output (before layer_norm)"""
     layer_norm: bool = False
-    """LayerNorm on the encoder's output"""
+    """LayerNorm on the encoder's output (after residual)"""
+    hidden_layer_norm: bool = False
+    """LayerNorm after each hidden linear layer of the MLP, before its ReLU (the lab's Linear -> LayerNorm -> ReLU -> Dropout -> Linear; lstm: in its MLP head); no effect without a hidden layer (encoder none, or mlp with encoder_num_layers 1)"""
     encoder_dropout: float = 0.0
-    """on the prompt encoder's input, and between its LSTM layers"""
+    """dropout on the prompt encoder's input, between its LSTM layers and between its MLP layers (after each ReLU); training only"""
     init: str = "random"
     """random | vocab | text | labels, for the encoder inputs"""
     init_text: str | None = None
@@ -74,31 +79,39 @@ class PTuningConfig:
         if self.template is not None:
             if Template.parse(self.template).num_virtual_tokens == 0:
                 raise ConfigError(f"P-Tuning template {self.template!r} has no virtual tokens; add [P] or [P:n]")
-        elif self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens} must be a positive integer")
+        else:
+            check_prompt_length(self.num_virtual_tokens)
         _check_common(self)
 
     def template_for(self, task_template: Template) -> Template:
         if self.template is not None:
             return Template.parse(self.template)
+        if self.num_virtual_tokens == 0:
+            return without_prompts(task_template)
         if task_template.num_virtual_tokens:
             return task_template
         return task_template.with_prefix_prompt(self.num_virtual_tokens)
 
 
 class PromptEncoder(nn.Module):
-    """Maps (N, d) trainable inputs to (N, d) prompt vectors; one LSTM/MLP shared by all tasks."""
+    """Maps (N, d) trainable inputs to (N, d) prompt vectors; one LSTM/MLP shared by all tasks.
+
+    ``mlp_head`` keeps only Linear and ReLU modules (saved adapters name its weights by position); the
+    hidden LayerNorms live in ``hidden_norms`` and dropout is applied in :meth:`_mlp`.
+    """
 
     def __init__(self, config: PTuningConfig, d: int) -> None:
         super().__init__()
         self.config = config
         h = config.encoder_hidden_size
         self.dropout = nn.Dropout(config.encoder_dropout)
+        hidden: list[int] = []  # widths of the MLP's hidden layers
         if config.encoder == "lstm":
             h = h or d // 2
             self.lstm_head = nn.LSTM(d, h, num_layers=config.encoder_num_layers, bidirectional=True,
                                      batch_first=True, dropout=config.encoder_dropout if config.encoder_num_layers > 1 else 0.0)
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+            hidden = [2 * h]
         elif config.encoder == "mlp":
             h = h or d
             dims = [d] + [h] * (config.encoder_num_layers - 1) + [d]
@@ -106,14 +119,28 @@ class PromptEncoder(nn.Module):
             for i in range(len(dims) - 1):
                 layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
             self.mlp_head = nn.Sequential(*layers[:-1])
+            hidden = dims[1:-1]
+        if config.hidden_layer_norm and hidden:
+            self.hidden_norms = nn.ModuleList(nn.LayerNorm(w) for w in hidden)
         self.norm = nn.LayerNorm(d) if config.layer_norm else None
+
+    def _mlp(self, y: torch.Tensor) -> torch.Tensor:
+        """Linear -> [LayerNorm] -> ReLU -> Dropout -> ... -> Linear."""
+        norms = iter(getattr(self, "hidden_norms", ()))
+        for layer in self.mlp_head:
+            if isinstance(layer, nn.ReLU):  # between two linear layers
+                norm = next(norms, None)
+                y = self.dropout(layer(norm(y) if norm is not None else y))
+            else:
+                y = layer(y)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (num_tasks, N, d) -> same
         y = self.dropout(x)
         if self.config.encoder == "lstm":
-            y = self.mlp_head(self.lstm_head(y)[0])
+            y = self._mlp(self.lstm_head(y)[0])
         elif self.config.encoder == "mlp":
-            y = self.mlp_head(y)
+            y = self._mlp(y)
         if self.config.residual:
             y = y + x
         return self.norm(y) if self.norm is not None else y
@@ -148,6 +175,8 @@ class PTuningAdapter(InputPrompts):
 
 
 def apply_p_tuning(base: nn.Module, config: PTuningConfig, *, template: Template, tokenizer: Any = None,
-                   label_words: Sequence[str] | None = None, **_: Any) -> PTuningAdapter:
+                   label_words: Sequence[str] | None = None, **_: Any) -> IdentityHooks:
+    if template.num_virtual_tokens == 0:
+        return NoPrompt()
     return PTuningAdapter(config, template.num_virtual_tokens, base.get_input_embeddings(),
                           tokenizer=tokenizer, label_words=label_words)

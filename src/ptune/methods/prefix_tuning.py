@@ -10,7 +10,8 @@ The prefix travels to every layer as a keyword argument (``ptune_prefix``, batch
 may mix tasks and ``generate()`` expands it for beams); the function concatenates the layer's slice
 to the keys/values and widens the mask. Position ids, the KV cache, generation and gradient
 checkpointing stay untouched; real tokens keep positions 0..T-1. Models that do not route attention
-through the interface (MPNet, DeBERTa-v2, ...) are refused with a list of the alternatives.
+through the interface (MPNet, DeBERTa-v2, Falcon, ...) or share one attention module across layers
+(ALBERT) are refused with a list of the alternatives.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..models import arch_facts, backbone_of
 from ..templates import Template
 from .base import IdentityHooks
+from .targets import ATTENTION_CLASS
+from .prompt_tuning import NoPrompt, check_prompt_length
 
 ATTN_IMPL = "ptune_sdpa"
 
@@ -81,7 +84,7 @@ class PrefixTuningConfig:
     renamed: ClassVar[dict[str, str]] = {"dropout": "prefix_dropout"}  # older option names (format-1 adapters)
     default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
     num_virtual_tokens: int = 20
-    """prefix length P per layer"""
+    """prefix length P per layer; 0 = no virtual tokens at all (the frozen base and the head alone: an ablation / sweep baseline)"""
     prefix_projection: bool = True
     """reparameterize through an MLP (prefix tuning); False = P-Tuning v2"""
     encoder_hidden_size: int = 512
@@ -94,8 +97,7 @@ class PrefixTuningConfig:
     """seed of the prompt's initialisation"""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be a positive integer")
+        check_prompt_length(self.num_virtual_tokens)
         if self.encoder_hidden_size < 1:
             raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size} must be >= 1")
         if not 0.0 <= self.prefix_dropout < 1.0:
@@ -172,9 +174,32 @@ def check_attention_interface(base: nn.Module, method: str) -> None:
             f"{method} needs a model whose attention runs through transformers' AttentionInterface; "
             f"{type(body).__name__} does not. Use prompt_tuning, p_tuning, lora or bitfit with it, "
             "or a BERT/RoBERTa/ELECTRA/GPT-2/Llama/Gemma/Qwen-family model")
+    number_attention_layers(body, arch_facts(base).num_layers, method)
 
 
-def apply_prefix_tuning(base: nn.Module, config: PrefixTuningConfig, **_: Any) -> PrefixAdapter:
+def number_attention_layers(body: nn.Module, num_layers: int, method: str) -> None:
+    """Make sure each attention module knows its depth (``layer_idx``, which picks its prefix).
+
+    Most models number their attention modules; some that run attention through the interface do not
+    (DistilBERT): one distinct module per layer, in order, gets its number here. Modules shared across
+    depth (ALBERT) compute several layers with one module, so no number can tell them apart: refused.
+    """
+    found = [(n, m) for n, m in body.named_modules() if n and ATTENTION_CLASS.search(type(m).__name__)]
+    inner = [m for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]  # the attention itself
+    if inner and all(isinstance(getattr(m, "layer_idx", None), int) for m in inner):
+        return
+    if len(inner) != num_layers or any(hasattr(m, "layer_idx") for m in inner):
+        raise UnsupportedModelError(
+            f"{method} puts a prefix in each of the {num_layers} attention layers, but {type(body).__name__} has "
+            f"{len(inner)} attention module(s) that do not say which layer they compute (shared across depth?). "
+            "Use prompt_tuning, p_tuning, lora or bitfit with it")
+    for i, m in enumerate(inner):
+        m.layer_idx = i
+
+
+def apply_prefix_tuning(base: nn.Module, config: PrefixTuningConfig, **_: Any) -> IdentityHooks:
+    if config.num_virtual_tokens == 0:
+        return NoPrompt()  # no prefixes: the base's attention stays as it is
     check_attention_interface(base, config.method)
     base.set_attn_implementation(ATTN_IMPL)
     return PrefixAdapter(config, arch_facts(base))

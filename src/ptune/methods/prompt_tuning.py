@@ -23,6 +23,10 @@ from .base import IdentityHooks
 INITS = ("random", "vocab", "text", "labels")
 
 
+class NoPrompt(IdentityHooks):
+    """A prompt method with ``num_virtual_tokens=0``: nothing is injected and nothing of its own trains."""
+
+
 def scatter_prompts(embeds: torch.Tensor, virtual_index: torch.Tensor, prompts: torch.Tensor,
                     task_ids: torch.Tensor | None) -> torch.Tensor:
     """Overwrite placeholder rows of ``embeds`` with prompt vectors.
@@ -40,6 +44,19 @@ def scatter_prompts(embeds: torch.Tensor, virtual_index: torch.Tensor, prompts: 
     return torch.where((virtual_index >= 0).unsqueeze(-1), gathered, embeds)
 
 
+def check_prompt_length(n: Any) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError(f"num_virtual_tokens={n!r} must be a whole number >= 0 (0: no virtual tokens)")
+
+
+def without_prompts(task_template: Template) -> Template:
+    """The template of a run with ``num_virtual_tokens=0``: the task's own, which must have no [P]."""
+    if task_template.num_virtual_tokens:
+        raise ConfigError(f"num_virtual_tokens=0 means no virtual tokens, but the template {task_template.source!r} "
+                          f"has {task_template.num_virtual_tokens}; give a --template without [P] markers")
+    return task_template
+
+
 def _check_common(cfg: Any) -> None:
     if cfg.num_tasks < 1:
         raise ConfigError(f"num_tasks={cfg.num_tasks} must be >= 1")
@@ -54,7 +71,7 @@ class PromptTuningConfig:
     method: ClassVar[str] = "prompt_tuning"
     default_lr: ClassVar[float] = 3e-2  # learning rate when --lr is not given
     num_virtual_tokens: int = 20
-    """soft tokens prepended to the task template"""
+    """soft tokens prepended to the task template; 0 = no virtual tokens at all (the frozen base and the head alone: an ablation / sweep baseline)"""
     init: str = "random"
     """random | vocab | text | labels"""
     init_text: str | None = None
@@ -65,11 +82,12 @@ class PromptTuningConfig:
     """for random / vocab init (table k: seed + k)"""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be a positive integer")
+        check_prompt_length(self.num_virtual_tokens)
         _check_common(self)
 
     def template_for(self, task_template: Template) -> Template:
+        if self.num_virtual_tokens == 0:
+            return without_prompts(task_template)
         if task_template.num_virtual_tokens == 0:
             return task_template.with_prefix_prompt(self.num_virtual_tokens)
         if task_template.num_virtual_tokens != self.num_virtual_tokens:
@@ -165,5 +183,7 @@ class PromptEmbedding(InputPrompts):
 
 
 def apply_prompt_tuning(base: nn.Module, config: PromptTuningConfig, *, tokenizer: Any = None,
-                        label_words: Sequence[str] | None = None, **_: Any) -> PromptEmbedding:
+                        label_words: Sequence[str] | None = None, **_: Any) -> IdentityHooks:
+    if config.num_virtual_tokens == 0:
+        return NoPrompt()
     return PromptEmbedding(config, base.get_input_embeddings(), tokenizer=tokenizer, label_words=label_words)

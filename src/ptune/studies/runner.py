@@ -1,0 +1,111 @@
+"""Run a study's runs, each as an ordinary ``ptune train`` in a fresh process.
+
+A fresh process per run keeps runs independent and makes each run's time and peak memory its own.
+A run with ``summary.json`` is finished and reused; one with a checkpoint but no summary was
+interrupted and is resumed; one whose ``config.json`` differs from the plan is refused (the study
+folder was changed by hand). Ctrl-C stops the study after the running run saved what it had;
+running the same command again continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import ConfigError, TrainingInterrupted
+from .plan import Study
+
+# options that may differ between the plan and a run's config.json without changing the run
+VOLATILE = ("resume", "overwrite", "progress", "allow_changes")
+
+
+def run_state(run_dir: Path) -> str:
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        return "partial"
+    return "new"
+
+
+def _same_run(run_dir: Path, options: dict[str, Any]) -> None:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    from ..engine.config import TrainConfig
+
+    had = json.loads(path.read_text())
+    want = TrainConfig.from_dict(options).to_dict()
+    diff = sorted(k for k in want if k not in VOLATILE and had.get(k) != want[k])
+    if diff:
+        raise ConfigError(f"{run_dir} was trained with other settings ({', '.join(diff)}); it is not this study's "
+                          f"run: remove it, or use another --output-dir")
+
+
+def run_study(study: Study, output_dir: Path, log: Callable[[str], None] = print,
+              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train every (variant, seed) not finished yet; returns {"ran": n, "reused": n, "failed": [...]}."""
+    from ..engine.config import TrainConfig
+
+    jobs = [(v, s) for v in study.variants for s in study.seeds]
+    for v, s in jobs:  # every run's options are valid before anything trains
+        TrainConfig.from_dict(study.run_options(output_dir, v, s))
+    ran, reused, failed = 0, 0, []
+    for k, (variant, seed) in enumerate(jobs, 1):
+        run_dir = study.run_dir(output_dir, variant, seed)
+        options = study.run_options(output_dir, variant, seed)
+        state = run_state(run_dir)
+        _same_run(run_dir, options)
+        label = f"[{k}/{len(jobs)}] {variant.name} seed {seed}"
+        if state == "done":
+            reused += 1
+            log(f"{label}: finished before, reused ({run_dir})")
+            continue
+        if state == "partial":
+            options["resume"] = True
+            log(f"{label}: resuming from its last checkpoint")
+        else:
+            if run_dir.exists():  # started but nothing saved yet
+                shutil.rmtree(run_dir)
+            log(f"{label}: training -> {run_dir}")
+        code, seconds = _train_in_subprocess(options, run_dir, extra_env)
+        if code == 130:
+            raise TrainingInterrupted(f"study interrupted during {variant.name} seed {seed}; run the same command "
+                                      f"again to continue (finished runs are reused)")
+        if code != 0:
+            failed.append({"variant": variant.name, "seed": seed, "exit_code": code,
+                           "log": str(run_dir.parent / f"seed-{seed}.log")})
+            log(f"{label}: FAILED (exit {code}); see {run_dir.parent / f'seed-{seed}.log'}")
+            continue
+        ran += 1
+        log(f"{label}: done in {seconds:.0f} s")
+    return {"ran": ran, "reused": reused, "failed": failed}
+
+
+def _train_in_subprocess(options: dict[str, Any], run_dir: Path, extra_env: dict[str, str] | None) -> tuple[int, float]:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = run_dir.parent / f"seed-{options['seed']}.yaml"
+    config.write_text(yaml.safe_dump(options, sort_keys=False))
+    log_path = run_dir.parent / f"seed-{options['seed']}.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ptune.cli", "train", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the child got the same SIGINT: let it save its checkpoint
+            code = proc.wait()
+            code = 130 if code != 0 else 0
+    if code != 0 and code != 130:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        if tail and tail[0].startswith("ptune: error:"):
+            print(f"ptune: {run_dir}: {tail[0][len('ptune: '):]}", file=sys.stderr)
+    return code, time.perf_counter() - started
