@@ -123,8 +123,12 @@ class PtuneModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, label_position: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_: Any) -> Output:
+                position_ids: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None,
+                **_: Any) -> Output:
         """Scores (and the loss when ``labels`` are given).
+
+        ``choice_mask`` (records, choices): a multiple-choice batch, whose rows are the records' choices
+        flattened (see :func:`ptune.batching.collate`); its head scores one row per record.
 
         A prompt ensemble of K members (``spec.ensemble``) repeats every row K times in the batch, one
         copy per prompt table (Lester et al.: one forward pass, not K runs); the loss is the members'
@@ -133,16 +137,20 @@ class PtuneModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         B, K = input_ids.shape[0], self.spec.ensemble
-        if K > 1 and task_ids is None and self.member is None and self._adapter_enabled:
+        repeated = K > 1 and task_ids is None and self.member is None and self._adapter_enabled
+        if repeated:
             rep = lambda t: t.repeat_interleave(K, dim=0) if t is not None else None  # noqa: E731
             input_ids, attention_mask, virtual_index, label_position, position_ids, labels = map(
                 rep, (input_ids, attention_mask, virtual_index, label_position, position_ids, labels))
             task_ids = torch.arange(K, device=input_ids.device).repeat(B)
         task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
         hidden = self.hidden_states(input_ids, attention_mask, virtual_index, task_ids, position_ids)
-        logits = self.head(hidden, {"attention_mask": attention_mask, "label_position": label_position})
+        head_batch = {"attention_mask": attention_mask, "label_position": label_position}
+        if choice_mask is not None:
+            head_batch["choice_mask"] = choice_mask
+        logits = self.head(hidden, head_batch)
         loss = self.head.loss(logits, labels) if labels is not None else None
-        if logits.shape[0] == B:
+        if not repeated:
             return Output(logits, loss)
         members = logits.float().view(B, K, *logits.shape[1:])
         mean = members.log_softmax(-1).logsumexp(1) - torch.log(torch.tensor(float(K)))
@@ -211,8 +219,12 @@ class PtuneModel(nn.Module):
         return trainable, total
 
     def describe(self) -> str:
+        """Trainable parameters and their share, and how the method chose its layers when it had to
+        (``adapter.note``: LoRA's targets on an architecture without a table entry)."""
         t, n = self.trainable_parameters()
-        return f"{self.method}: {t:,} trainable of {n:,} parameters ({100 * t / max(n, 1):.4f}%)"
+        note = getattr(self.adapter, "note", None)
+        return (f"{self.method}: {t:,} trainable of {n:,} parameters ({100 * t / max(n, 1):.4f}%)"
+                + (f"; {note}" if note else ""))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}

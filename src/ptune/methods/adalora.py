@@ -36,8 +36,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..templates import Template
-from .lora import (LowRankLayer, WeightAdapter, check_rank, find_targets, no_virtual_tokens, normalize_targets,
-                   peft_targets, peft_task_type, wrap_layers)
+from .lora import (LowRankLayer, WeightAdapter, check_rank, no_virtual_tokens, normalize_targets, peft_targets,
+                   peft_task_type, resolve_targets, wrap_layers)
 
 
 def check_schedule(total_step: int, tinit: int, tfinal: int) -> None:
@@ -125,8 +125,8 @@ class SVDLinear(LowRankLayer):
 
 
 class AdaLoraAdapter(WeightAdapter):
-    def __init__(self, config: AdaLoraConfig, base: nn.Module, names: list[str]) -> None:
-        super().__init__(config, base, names)
+    def __init__(self, config: AdaLoraConfig, base: nn.Module, names: list[str], note: str | None = None) -> None:
+        super().__init__(config, base, names, note)
         self.total_step = config.total_step
         self.init_budget = config.init_r * len(names)
         self.target_budget = config.target_r * len(names)
@@ -264,8 +264,8 @@ class AdaLoraAdapter(WeightAdapter):
 
 
 def apply_adalora(base: nn.Module, config: AdaLoraConfig, **_: Any) -> AdaLoraAdapter:
-    names = find_targets(base, config.target_modules, config.method)
+    names, note = resolve_targets(base, config.target_modules, config.method)
     check_rank(base, names, config.init_r, "init_r")
     wrap_layers(base, names, lambda name, layer: SVDLinear(name, layer, config.init_r, config.alpha,
                                                            config.lora_dropout))
-    return AdaLoraAdapter(config, base, names)
+    return AdaLoraAdapter(config, base, names, note)

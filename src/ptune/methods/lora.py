@@ -6,7 +6,9 @@ equal to the base. The LoRA tensors live inside the base's modules (``<layer>.lo
 the trainable parameters saves them by name; the adapter object ptune holds only points at them.
 The update can be merged into W and unmerged, or merged for good with ``merge_and_unload``.
 
-Targets: module-name suffixes (default: the attention query and value projections, as the paper),
+Targets: module-name suffixes (default: the attention query and value projections, as the paper:
+from ptune's table, or found by name and shape for an architecture it has no entry for, see
+:mod:`ptune.methods.targets`),
 a regular expression written ``"re:<pattern>"`` (full match, as PEFT), or ``"all-linear"`` (every
 linear layer but the output head, as QLoRA). Wraps ``nn.Linear``, transformers' ``Conv1D`` (GPT-2,
 weight stored transposed) and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (QLoRA); quantized
@@ -34,7 +36,7 @@ from .base import IdentityHooks
 DEFAULT_TARGETS = {"bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
                    "electra": ("query", "value"), "camembert": ("query", "value"),
                    "distilbert": ("q_lin", "v_lin"), "gpt2": ("c_attn",)}
-FALLBACK_TARGETS = ("q_proj", "v_proj")  # Llama, Gemma, Qwen, Mistral, Phi-3, ...
+# any other architecture (Llama, Qwen, Phi, Falcon, DeBERTa, ALBERT, ...): found from its own modules (targets.py)
 ALL_LINEAR = "all-linear"
 
 
@@ -231,8 +233,24 @@ def _matches(name: str, target: str) -> bool:
 
 def find_targets(base: nn.Module, targets: tuple[str, ...] | None, method: str) -> list[str]:
     """Names of the modules to wrap, in model order; a clear error if none match."""
+    return resolve_targets(base, targets, method)[0]
+
+
+def resolve_targets(base: nn.Module, targets: tuple[str, ...] | None, method: str) -> tuple[list[str], str | None]:
+    """(names of the modules to wrap, a line saying how they were found when ptune had to find them).
+
+    The user's targets win; then ptune's table; an architecture it has no entry for gets its attention
+    query/value projections found by name and shape (:func:`ptune.methods.targets.discover_targets`).
+    """
     model_type = getattr(base.config, "model_type", "")
-    targets = targets or DEFAULT_TARGETS.get(model_type, FALLBACK_TARGETS)
+    if not targets and model_type not in DEFAULT_TARGETS:
+        from .targets import discover_targets  # it builds on this module's layer helpers
+
+        return discover_targets(base, method)
+    return match_targets(base, targets or DEFAULT_TARGETS[model_type], method), None
+
+
+def match_targets(base: nn.Module, targets: tuple[str, ...], method: str) -> list[str]:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     inside = tuple(n + "." for n, m in base.named_modules() if isinstance(m, LowRankLayer))
     names = []
@@ -288,10 +306,11 @@ class WeightAdapter(IdentityHooks):
 
     trains_base = True  # the base's own modules carry trainable weights: keep its dropout on
 
-    def __init__(self, config: Any, base: nn.Module, names: list[str]) -> None:
+    def __init__(self, config: Any, base: nn.Module, names: list[str], note: str | None = None) -> None:
         super().__init__()
         self.config = config
         self.names = names
+        self.note = note  # how the targets were found, when ptune found them (shown by PtuneModel.describe)
         self._base = [base]  # a plain list: not a submodule, so no parameter is registered twice
 
     def layers(self) -> dict[str, LowRankLayer]:
@@ -327,10 +346,10 @@ class LoraAdapter(WeightAdapter):
 
 
 def apply_lora(base: nn.Module, config: LoraConfig, **_: Any) -> LoraAdapter:
-    names = find_targets(base, config.target_modules, config.method)
+    names, note = resolve_targets(base, config.target_modules, config.method)
     check_rank(base, names, config.r, "r")
     wrap_layers(base, names, lambda name, layer: LoraLinear(name, layer, config.r, config.alpha, config.lora_dropout))
-    return LoraAdapter(config, base, names)
+    return LoraAdapter(config, base, names, note)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
