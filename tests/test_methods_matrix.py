@@ -26,8 +26,9 @@ INFIX = "[P:2] {field} [P:1] end"  # P-Tuning's own template: virtual tokens aro
 METHODS = {
     "prompt_tuning": lambda tpl: ptune.PromptTuningConfig(num_virtual_tokens=4),
     "p_tuning-lstm": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="lstm", encoder_hidden_size=8),
-    "p_tuning-mlp-residual": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="mlp", encoder_hidden_size=16,
-                                                             residual=True),
+    "p_tuning-mlp-residual-hiddenln": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="mlp",
+                                                                      encoder_hidden_size=16, residual=True,
+                                                                      hidden_layer_norm=True),
     "p_tuning-none-layernorm": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="none", layer_norm=True),
     "p_tuning-lstm-residual-layernorm": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="lstm",
                                                                         residual=True, layer_norm=True),
@@ -103,10 +104,12 @@ def expected_trainable(method: str, model) -> int:
                 inp = d if layer == 0 else 2 * h
                 enc += 2 * (4 * h * inp + 4 * h * h + 8 * h)  # two directions, W_ih, W_hh, b_ih, b_hh
             enc += (2 * h * 2 * h + 2 * h) + (2 * h * d + d)  # the MLP on top
+            enc += 2 * (2 * h) if cfg.hidden_layer_norm else 0  # LayerNorm on its hidden layer
         elif cfg.encoder == "mlp":
             h = cfg.encoder_hidden_size or d
             dims = [d] + [h] * (cfg.encoder_num_layers - 1) + [d]
             enc += sum(a * b + b for a, b in zip(dims, dims[1:]))
+            enc += sum(2 * w for w in dims[1:-1]) if cfg.hidden_layer_norm else 0  # LayerNorm per hidden layer
         if cfg.layer_norm:
             enc += 2 * d
         return T * n * d + enc + head

@@ -21,10 +21,11 @@ PLAN_NAME = "study.json"
 KINDS = ("compare", "sweep", "ablate", "probe")
 
 # The lab's ablation of P-Tuning (section 6.2): the full model and one part removed per row. The full
-# model is the lab's encoder: a two-layer MLP with a residual connection (options below apply to it).
-ABLATION_FULL = {"encoder": "mlp", "encoder_num_layers": 2, "residual": True}
+# model is the lab's encoder: a two-layer MLP (Linear -> LayerNorm -> ReLU -> Linear) with a residual
+# connection (options given to ablate apply to it).
+ABLATION_FULL = {"encoder": "mlp", "encoder_num_layers": 2, "residual": True, "hidden_layer_norm": True}
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("the full model (MLP prompt encoder, 2 layers, residual)", {}),
+    "full": ("the full model (MLP prompt encoder: 2 layers, LayerNorm between them, residual)", {}),
     "no_encoder": ("prompt encoder removed (virtual tokens trained directly)", {"encoder": "none"}),
     "no_virtual_tokens": ("virtual tokens removed (the frozen base and the head alone)", {"num_virtual_tokens": 0}),
     "no_mlp_middle": ("the MLP's middle layer removed (one linear layer)", {"encoder_num_layers": 1}),
