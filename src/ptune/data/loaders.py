@@ -1,6 +1,13 @@
 """Loading records from files: CSV/TSV, JSONL, JSON, parquet, CoNLL-style tagging files, a local
 ``datasets`` folder, or (for online users) a hub dataset name through ``datasets``.
 
+A dataset with configurations is named ``DATASET:CONFIG[:SPLIT]`` (``glue:sst2``, ``glue:sst2:validation``,
+``imdb::test``), or by a task YAML's ``dataset`` / ``config`` / ``splits``. ``DATASET`` is a hub name or
+a local folder holding one ``save_to_disk`` folder per configuration (``glue/sst2``, ``glue/mrpc``).
+Without a split the caller's (the split being loaded: train, validation, test) is used. Class-label
+columns arrive as their names (GLUE's 0/1 as negative/positive); a hidden label (-1, GLUE's test
+sets) arrives as missing.
+
 Every failure is a :class:`DataError` naming the file, the line where it applies, and the problem:
 a malformed row, bad JSON, non-UTF-8 bytes, an empty file, a record the task cannot use.
 """
@@ -98,11 +105,40 @@ def _tagging(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def _records_from_dataset(ds: Any) -> list[tuple[int, dict]]:
-    return [(i + 1, dict(r)) for i, r in enumerate(ds)]
+def _class_label_columns(ds: Any, task: Task | None) -> dict[str, Any]:
+    """Columns whose values are class-label ids (or lists of them): column -> its ClassLabel. A task whose
+    labels are the ids themselves ("0", "1", ...) keeps them as numbers."""
+    import datasets
+
+    out = {}
+    for name, feature in (getattr(ds, "features", None) or {}).items():
+        inner = getattr(feature, "feature", None)
+        label = feature if isinstance(feature, datasets.ClassLabel) else inner
+        if not isinstance(label, datasets.ClassLabel):
+            continue
+        if task is not None and set(task.labels) == {str(i) for i in range(label.num_classes)}:
+            continue
+        out[name] = label
+    return out
 
 
-def _datasets_folder(path: Path, split: str | None) -> list[tuple[int, dict]]:
+def _records_from_dataset(ds: Any, task: Task | None = None) -> list[tuple[int, dict]]:
+    names = _class_label_columns(ds, task)
+
+    def name_of(label: Any, value: Any) -> Any:
+        return None if value is None or value < 0 else label.int2str(int(value))  # -1: a hidden label
+
+    rows = []
+    for i, r in enumerate(ds):
+        rec = dict(r)
+        for col, label in names.items():
+            value = rec.get(col)
+            rec[col] = [name_of(label, v) for v in value] if isinstance(value, list) else name_of(label, value)
+        rows.append((i + 1, rec))
+    return rows
+
+
+def _datasets_folder(path: Path, split: str | None, task: Task | None = None) -> list[tuple[int, dict]]:
     import datasets
 
     try:
@@ -113,26 +149,89 @@ def _datasets_folder(path: Path, split: str | None) -> list[tuple[int, dict]]:
         if split not in ds:
             raise DataError(f"{path} holds splits {sorted(ds)}; choose one (asked for {split!r})")
         ds = ds[split]
-    return _records_from_dataset(ds)
+    return _records_from_dataset(ds, task)
 
 
-def _hub(name: str, split: str | None) -> list[tuple[int, dict]]:
+def _first_line(e: Exception) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _hub(name: str, config: str | None, split: str, task: Task | None = None) -> list[tuple[int, dict]]:
     import datasets
 
+    what = f"{name!r}" + (f" configuration {config!r}" if config else "") + f" split {split!r}"
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        ds = datasets.load_dataset(path=name, name=config, split=split)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"could not load dataset {name!r} ({type(e).__name__}); it is not a local file, and "
+        raise DataError(f"could not load dataset {what} ({_first_line(e)}); it is not a local file or folder, and "
                         "the hub is unreachable or has no such dataset; offline, pass a local file") from None
-    return _records_from_dataset(ds)
+    return _records_from_dataset(ds, task)
+
+
+def parse_dataset_source(source: str) -> tuple[str, str | None, str | None] | None:
+    """``DATASET:CONFIG[:SPLIT]`` -> (dataset, config or None, split or None); None when ``source`` has no colon."""
+    if ":" not in source or "://" in source:
+        return None
+    parts = source.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise DataError(f"{source!r}: write a dataset with a configuration as DATASET:CONFIG or DATASET:CONFIG:SPLIT "
+                        "(e.g. glue:sst2, glue:sst2:validation, imdb::test)")
+    dataset, config, split = (parts + [""] * 3)[:3]
+    return dataset, config or None, split or None
+
+
+def _looks_like_path(source: str) -> bool:
+    return Path(source).suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~"))
+
+
+def _dataset_rows(dataset: str, config: str | None, split: str | None, task: Task | None) -> list[tuple[int, dict]]:
+    """A split of a dataset by configuration: a local folder (``DATASET/CONFIG`` saved with save_to_disk)
+    or a hub dataset."""
+    label = f"{dataset}:{config or ''}"
+    if split is None:
+        raise DataError(f"{label}: name the split to load, e.g. {label}:validation")
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        folder = path / config if config else path
+        if not folder.is_dir():
+            held = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise DataError(f"{path} has no configuration folder {config!r} (it holds {held}); save one with "
+                            f"datasets.load_dataset(..., {config!r}).save_to_disk('{folder}')")
+        return _datasets_folder(folder, split, task)
+    if _looks_like_path(dataset):
+        raise DataError(f"dataset folder {dataset} does not exist")
+    return _hub(dataset, config, split, task)
+
+
+def _checked(rows: list[tuple[int, dict]], source: str, task: Task | None) -> list[dict]:
+    if not rows:
+        raise DataError(f"{source}: no records")
+    if task is not None:
+        hidden = [line for line, rec in rows if rec.get(task.label_field, "") is None]
+        if hidden and len(hidden) == len(rows):
+            raise DataError(f"{source}: every label is hidden (-1, as in GLUE's test sets); score on a labelled "
+                            "split instead (a task YAML's splits: {test: validation}, or DATASET:CONFIG:validation)")
+        for line, rec in rows:
+            task.validate_record(rec, f"{source} line {line}")
+    return [rec for _, rec in rows]
+
+
+def load_dataset_split(dataset: str, config: str | None, split: str, *, task: Task | None = None) -> list[dict]:
+    """One split of a dataset named by configuration (a task YAML's ``dataset`` / ``config``)."""
+    return _checked(_dataset_rows(dataset, config, split, task), f"{dataset}:{config or ''}:{split}", task)
 
 
 def load_records(source: str | Path, *, split: str | None = None, task: Task | None = None) -> list[dict]:
-    """Records from a file, folder or hub name; validated against ``task`` when given."""
+    """Records from a file, folder, ``DATASET:CONFIG[:SPLIT]`` or hub name; validated against ``task`` when given."""
     path = Path(source)
     suffix = path.suffix.lower()
-    if path.is_dir():
-        rows = _datasets_folder(path, split)
+    named = None if path.exists() else parse_dataset_source(str(source))
+    if named is not None:
+        dataset, config, own_split = named
+        rows = _dataset_rows(dataset, config, own_split or split, task)
+    elif path.is_dir():
+        rows = _datasets_folder(path, split, task)
     elif path.is_file():
         readers = {".csv": lambda p: _csv(p, ","), ".tsv": lambda p: _csv(p, "\t"), ".jsonl": _jsonl,
                    ".json": _json}
@@ -140,7 +239,7 @@ def load_records(source: str | Path, *, split: str | None = None, task: Task | N
             import datasets
 
             try:
-                rows = _records_from_dataset(datasets.Dataset.from_parquet(str(path)))
+                rows = _records_from_dataset(datasets.Dataset.from_parquet(str(path)), task)
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{path}: unreadable parquet ({type(e).__name__}: {e})") from None
         elif suffix in readers:
@@ -150,13 +249,8 @@ def load_records(source: str | Path, *, split: str | None = None, task: Task | N
         else:
             raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json, .parquet "
                             "or .conll")
-    elif suffix in FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
+    elif _looks_like_path(str(source)):
         raise DataError(f"data file {source} does not exist")
     else:
-        rows = _hub(str(source), split)
-    if not rows:
-        raise DataError(f"{source}: no records")
-    if task is not None:
-        for line, rec in rows:
-            task.validate_record(rec, f"{source} line {line}")
-    return [rec for _, rec in rows]
+        rows = _hub(str(source), None, split or "train", task)
+    return _checked(rows, str(source), task)

@@ -3,7 +3,9 @@
 A task names the head kind that answers it (``head``); what a record must hold, how its label is
 encoded and scored is that head's business (``ptune.heads``). Tasks are data, loaded from YAML (``yaml.safe_load``: nothing is evaluated) or built in code, in
 the spirit of lm-evaluation-harness. A Task validates itself when built and validates each record
-it is given, so a bad file fails at load time naming the file, the line and the problem.
+it is given, so a bad file fails at load time naming the file, the line and the problem. A task YAML
+may also name its data (``dataset``, ``config``, ``splits``: GLUE's ``nyu-mll/glue`` / ``sst2``), read
+when no data file is given (see ``configs/tasks/``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..fields import from_values
 from ..heads import HEAD_KINDS, HeadKind, head_kind
 
 LEGACY_TASK_TYPES = {"classification": "classification", "tagging": "tagging", "causal_lm": "causal_lm"}
+DATA_SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,12 @@ class Task:
     target_field: str = "target"  # causal_lm: the response the loss falls on; "" = plain text, loss on all of it
     label_collisions: str = "error"  # verbalizer labels whose first tokens collide: error | drop (with their records)
     description: str = field(default="", compare=False)
+    # where the task's data lives when no data file is given: a hub dataset (or a local folder of
+    # save_to_disk folders, one per configuration), its configuration, and which of its splits serve as
+    # ptune's train / validation / test (default: train and validation by those names; test only when mapped)
+    dataset: str | None = field(default=None, compare=False)
+    config: str | None = field(default=None, compare=False)
+    splits: dict[str, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -53,7 +62,7 @@ class Task:
         except ConfigError as e:
             raise ConfigError(f"task {self.name}: {e}") from None
         object.__setattr__(self, "metric", metric.name)
-        if kind.label_form != "text":
+        if kind.label_form not in ("text", "choice"):  # generated text, or choices listed per record
             if len(self.labels) < 2:
                 raise ConfigError(f"task {self.name}: give at least two labels (got {list(self.labels)})")
             dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
@@ -70,6 +79,32 @@ class Task:
                               "{mask} label slot")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"task {self.name}: max_length={self.max_length!r} must be a positive integer")
+        self._check_data_source()
+
+    def _check_data_source(self) -> None:
+        for key in ("dataset", "config"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"task {self.name}: {key}={value!r} must be a non-empty name")
+        if self.config is not None and self.dataset is None:
+            raise ConfigError(f"task {self.name}: config={self.config!r} names a configuration of no dataset; "
+                              "add dataset: (e.g. dataset: glue, config: sst2)")
+        if self.splits is None:
+            return
+        if self.dataset is None:
+            raise ConfigError(f"task {self.name}: splits maps the splits of no dataset; add dataset: (or drop splits "
+                              "and pass --train-file / --validation-file / --test-file)")
+        if not isinstance(self.splits, dict) or not all(isinstance(v, str) and v for v in self.splits.values()):
+            raise ConfigError(f"task {self.name}: splits must map ptune splits to the dataset's split names, "
+                              "e.g. {train: train, validation: validation, test: validation}")
+        unknown = sorted(set(self.splits) - set(DATA_SPLITS))
+        if unknown:
+            raise ConfigError(f"task {self.name}: splits has unknown key(s) {unknown}; its keys are {list(DATA_SPLITS)}")
+        object.__setattr__(self, "splits", dict(self.splits))
+
+    def data_splits(self) -> dict[str, str]:
+        """ptune split -> the dataset's split name (train and validation by their own names unless mapped)."""
+        return {"train": "train", "validation": "validation", **(self.splits or {})}
 
     @property
     def kind(self) -> HeadKind:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..api import apply
 from ..data import Task, load_builtin, load_records
+from ..data.loaders import load_dataset_split
 from ..data.builtin import BUILTIN_TASKS
 from ..errors import ConfigError, DataError
 from ..heads import HEAD_KINDS, Example, HeadConfig, HeadKind, head_kind
@@ -37,7 +38,8 @@ def task_head(cfg: TrainConfig, task: Task) -> HeadConfig:
 
 def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = True, log: Any = None,
               encoder_model: bool | None = None) -> tuple[Task, dict[str, list[dict]]]:
-    """The task and its splits: a built-in, or a YAML task with data files.
+    """The task and its splits: a built-in, or a YAML task with data files (or, when no file is given,
+    the dataset, configuration and split mapping its YAML names).
 
     With a ``tokenizer`` the run's head resolves the labels it can use (a verbalizer refuses label
     words whose first tokens collide, or drops them with their records where the task says
@@ -52,8 +54,12 @@ def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = Tru
     for split, source in files.items():
         if source:
             splits[split] = load_records(source, split=split, task=task)
+    if task.dataset and not any(files.values()):  # the task YAML names its data; data files replace it whole
+        for split, source_split in task.data_splits().items():
+            splits[split] = load_dataset_split(task.dataset, task.config, source_split, task=task)
     if need_train and "train" not in splits:
-        raise ConfigError(f"task {cfg.task!r} has no training data; pass --train-file")
+        raise ConfigError(f"task {cfg.task!r} has no training data; pass --train-file (or give the task YAML a "
+                          "dataset: and config:)")
     if tokenizer is not None:
         encoder = model_is_encoder(cfg) if encoder_model is None else encoder_model
         task, splits = task_head(cfg, task).spec.resolve_labels(task, splits, tokenizer, causal=not encoder, log=log)
@@ -121,6 +127,9 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
 def check_ensemble(cfg: TrainConfig, head: HeadConfig) -> None:
     if head.spec.label_form == "text":
         raise ConfigError(f"ensemble averages class or tag probabilities; a {head.kind} head generates text")
+    if head.spec.label_form == "choice":
+        raise ConfigError(f"ensemble repeats every row per member, and a {head.kind} head scores several rows per "
+                          "record; train it without --ensemble")
     init = getattr(cfg.method_config(), "init", "random")
     if init in ("text", "labels"):
         raise ConfigError(f"ensemble members must start apart, and init={init} gives all {cfg.ensemble} the same "

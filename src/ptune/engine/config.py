@@ -53,7 +53,7 @@ class TrainConfig:
     task: str = "bbc"
     """built-in task name (bbc, wnut, lama-*) or a task YAML file; several, comma-separated (bbc,wnut), train one multi-task adapter (YAML: a list of names or of {task, weight, train_file, validation_file, test_file})"""
     train_file: str | None = None
-    """data files (csv, jsonl, json, parquet, conll, datasets folder, hub name)"""
+    """data files (csv, jsonl, json, parquet, conll, datasets folder, hub name, DATASET:CONFIG[:SPLIT] e.g. glue:sst2); none: the data a task YAML names (dataset, config, splits)"""
     validation_file: str | None = None
     """validation data file (scored after every epoch or --eval-every steps; the best adapter is kept by it)"""
     test_file: str | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,10 @@ def _notes(study: Study, data: dict[str, Any]) -> list[str]:
              "Train time is the training loop's wall time with its evaluations; samples/s leaves the evaluations "
              "out; peak RSS is the training process's. Epochs to 95% of best: the first evaluation whose validation "
              "score reached 95% of that run's best."]
+    loads = [v for r in data["runs"] if r.get("load") for v in r["load"]]
+    if loads:
+        notes.append(f"Machine load (1-minute load average at the start and end of each run, {os.cpu_count()} CPUs): "
+                     f"{min(loads):.1f} to {max(loads):.1f}; times and samples/s compare fairly only under similar load.")
     if study.kind == "ablate":
         notes.append("Drop from full: the full model's score minus the variant's (test where measured, else "
                      "validation); positive = the removed part helped.")

@@ -96,6 +96,7 @@ def _train_in_subprocess(options: dict[str, Any], run_dir: Path, extra_env: dict
     log_path = run_dir.parent / f"seed-{options['seed']}.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with open(log_path, "a", encoding="utf-8") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ptune.cli", "train", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -104,6 +105,10 @@ def _train_in_subprocess(options: dict[str, Any], run_dir: Path, extra_env: dict
         except KeyboardInterrupt:  # the child got the same SIGINT: let it save its checkpoint
             code = proc.wait()
             code = 130 if code != 0 else 0
+    # the machine's load while the run trained: its times are comparable only under similar load
+    (run_dir.parent / f"seed-{options['seed']}.host.json").write_text(json.dumps(
+        {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()[0],
+         "seconds": time.perf_counter() - started}))
     if code != 0 and code != 130:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         if tail and tail[0].startswith("ptune: error:"):
