@@ -436,3 +436,15 @@ def test_prefix_attention_row_mask(mask_kind):
         visible = torch.cat([torch.ones(n, dtype=torch.bool), pad[b]])
         want = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1], kk, vv, attn_mask=visible[None, None, None, :])
         torch.testing.assert_close(out[b], want[0].transpose(0, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_length_chunks_keep_short_rows_apart_from_long_ones():
+    from ptune.adapter_set import length_chunks
+
+    sizes = [20, 22, 25, 30, 240, 250, 256, 256]  # ascending, as _score sorts them: tweets, then articles
+    chunks = length_chunks(list(range(8)), sizes, batch_size=32)
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for chunk in chunks:  # padded positions within 1.3x the real ones
+        assert max(sizes[i] for i in chunk) * len(chunk) <= 1.3 * sum(sizes[i] for i in chunk)
+    assert length_chunks(list(range(8)), [50] * 8, batch_size=3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert length_chunks([], [], batch_size=4) == []

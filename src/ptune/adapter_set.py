@@ -82,6 +82,28 @@ class _Row:
     example: Any  # heads.Example
 
 
+PADDING_WASTE = 0.3  # a forward pass may compute at most 1.3x the positions its rows really have
+
+
+def length_chunks(order: list[int], sizes: list[int], batch_size: int,
+                  waste: float = PADDING_WASTE) -> list[list[int]]:
+    """Split rows sorted by length (``sizes``, ascending, aligned with ``order``) into forward passes of at
+    most ``batch_size`` rows whose padded positions stay under ``1 + waste`` times the real ones: short rows of one task
+    are not padded to another task's long ones (on a CPU every padded position costs as much as a real one)."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i, n in zip(order, sizes):
+        if cur and (len(cur) >= batch_size or n * (len(cur) + 1) > (1 + waste) * (real + n)):
+            chunks.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
 class AdapterSet:
     """Saved adapters on one frozen base; a batch may mix rows of any of them (see the module doc).
 
@@ -188,6 +210,9 @@ class AdapterSet:
                                   "single-task adapters, score this one with ptune.engine.Run")
             from .heads import head_kind
 
+            if head_kind(spec.head.kind).label_form == "choice":
+                raise ConfigError(f"{where} has a {spec.head.kind} head, which scores several rows per input; an "
+                                  "AdapterSet scores one row per input: score it with ptune.engine.Run")
             if head_kind(spec.head.kind).label_form == "text":
                 raise ConfigError(f"{where} has a {spec.head.kind} head, which answers through generate(); an "
                                   "AdapterSet scores heads that label their inputs (classification, tagging, "
@@ -513,9 +538,9 @@ class AdapterSet:
         pad_id = prepared[0].member.encoder.placeholder_id if prepared else 0
         rank = {name: k for k, name in enumerate(self._members)}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        sizes = [len(prepared[i].example.encoded.input_ids) for i in order]
         with self._lock, torch.no_grad(), autocast:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            for idx in length_chunks(order, sizes, batch_size):
                 idx.sort(key=lambda i: rank[prepared[i].member.name])  # each adapter's rows side by side
                 # labels dropped: rows of tagging and class heads share a batch, and scoring needs none
                 batch = collate([dataclasses.replace(prepared[i].example.encoded, labels=None) for i in idx],

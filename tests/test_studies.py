@@ -1,0 +1,225 @@
+"""ptune compare / sweep / ablate / recommend on a tiny model: the report's numbers are the runs' own,
+an interrupted study continues without re-running finished runs, plots are real PNGs with a line per
+method, and ``num_virtual_tokens=0`` / ``--max-minutes`` do what they say."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ptune
+from ptune.errors import ConfigError
+from ptune.studies import plots, report
+from ptune.studies.plan import ablate_plan, compare_plan, parse_seeds, sweep_plan
+from ptune.studies.recommend import choose_peft_method, complexity, pick, recommend
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def ptune_cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def _data_flags(tiny_model_dir, toy_task) -> list[str]:
+    return ["--model", tiny_model_dir, "--task", toy_task["task"], "--train-file", toy_task["train_file"],
+            "--validation-file", toy_task["validation_file"], "--test-file", toy_task["test_file"],
+            "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "16"]
+
+
+@pytest.fixture()
+def compared(tmp_path, tiny_model_dir, toy_task):
+    out = tmp_path / "cmp"
+    flags = ["compare", "--methods", "prompt_tuning,lora", "--seeds", "2", "--num-virtual-tokens", "3", "--r", "2",
+             *_data_flags(tiny_model_dir, toy_task), "--output-dir", str(out)]
+    proc = ptune_cli(*flags)
+    return out, flags, proc
+
+
+def test_compare_report_equals_the_runs_summaries(compared, monkeypatch):
+    out, _, proc = compared
+    for name in ("report.md", "report.html", "results.json", "study.json"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    assert data["runs_finished"] == data["runs_expected"] == 4 and not data["failed"]
+    for row in data["rows"]:
+        summaries = [json.loads((out / "runs" / row["variant"] / f"seed-{s}" / "summary.json").read_text())
+                     for s in (13, 14)]
+        assert {s["method"] for s in summaries} == {row["variant"]}
+        val = [s["best_validation_accuracy"] for s in summaries]
+        test = [s["test"]["accuracy"] for s in summaries]
+        assert row["validation_mean"] == pytest.approx(statistics.fmean(val))
+        assert row["validation_std"] == pytest.approx(statistics.stdev(val))
+        assert row["test_mean"] == pytest.approx(statistics.fmean(test))
+        assert row["trainable"] == summaries[0]["trainable_parameters"]
+        assert row["peak_rss_mb"] == pytest.approx(max(s["peak_rss_mb"] for s in summaries))
+        adapter = out / "runs" / row["variant"] / "seed-13" / "best"
+        assert row["adapter_bytes"] == sum(p.stat().st_size for p in adapter.iterdir())
+        assert f"{row['validation_mean']:.4f} ± {row['validation_std']:.4f}" in (out / "report.md").read_text()
+    # different methods have different trainable parts: the table does not repeat one run's numbers
+    assert len({r["trainable"] for r in data["rows"]}) == 2
+    for name in data["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG
+        assert f"![" in (out / "report.md").read_text() and name in (out / "report.md").read_text()
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == len(data["plots"]) == 3
+    assert "| prompt_tuning |" in proc.stdout and "report.md" in proc.stdout
+
+    figures = []  # the learning-curve figure: one line per method
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    report.write_report(out)
+    labels = [line.get_label() for line in figures[0].axes[0].get_lines()]
+    assert labels == ["prompt_tuning", "lora"]
+
+
+def test_an_interrupted_compare_continues_and_reuses_finished_runs(compared):
+    out, flags, _ = compared
+    runs = out / "runs"
+    kept = runs / "lora" / "seed-13" / "summary.json"
+    kept_time = kept.stat().st_mtime_ns
+    before = json.loads(kept.read_text())
+    (runs / "prompt_tuning" / "seed-14" / "summary.json").unlink()  # stopped after its checkpoint
+    import shutil
+
+    shutil.rmtree(runs / "lora" / "seed-14")  # never started
+    proc = ptune_cli(*flags)
+    assert "prompt_tuning seed 14: resuming from its last checkpoint" in proc.stdout
+    assert "lora seed 14: training" in proc.stdout
+    assert proc.stdout.count("finished before, reused") == 2
+    assert "(4 of 4 runs; 2 trained now, 2 reused)" in proc.stdout
+    assert kept.stat().st_mtime_ns == kept_time and json.loads(kept.read_text()) == before
+    assert (runs / "lora" / "seed-14" / "summary.json").is_file()
+
+
+def test_a_changed_study_is_refused_and_nothing_is_touched(compared):
+    out, flags, _ = compared
+    before = (out / "results.json").read_text()
+    changed = [f if f != "2" or flags[k - 1] != "--seeds" else "3" for k, f in enumerate(flags)]
+    proc = ptune_cli(*changed, ok=False)
+    assert proc.returncode == 2
+    assert "holds a compare study with other settings" in proc.stderr and "seeds" in proc.stderr
+    assert (out / "results.json").read_text() == before
+
+
+def test_sweep_over_prompt_length_with_zero_tokens(tmp_path, tiny_model_dir, toy_task):
+    out = tmp_path / "sweep"
+    ptune_cli("sweep", "--method", "p_tuning_v2", "--sweep", "num_virtual_tokens=0,2",
+              *_data_flags(tiny_model_dir, toy_task), "--output-dir", str(out))
+    data = json.loads((out / "results.json").read_text())
+    zero, two = data["rows"]
+    assert (zero["value"], two["value"]) == (0, 2)
+    head = 2 * 32 + 2  # the classification head of the 32-wide tiny BERT, 2 labels: nothing else trains
+    assert zero["trainable"] == head and two["trainable"] > head
+    spec = json.loads((out / "runs" / "num_virtual_tokens=0" / "seed-13" / "best" / "adapter_config.json").read_text())
+    assert "[P" not in json.dumps(spec["template"])
+    assert data["plots"] == ["learning_curves.png", "metric_vs_value.png"]
+    assert (out / "metric_vs_value.png").read_bytes()[:8] == PNG
+
+
+def test_ablate_reports_the_drop_from_the_full_model(tmp_path, tiny_model_dir, toy_task):
+    out = tmp_path / "ablate"
+    ptune_cli("ablate", "--seeds", "1", "--variants", "no_residual", "--num-virtual-tokens", "3",
+              *_data_flags(tiny_model_dir, toy_task), "--output-dir", str(out))
+    data = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["full", "no_residual"]
+    plan = json.loads((out / "study.json").read_text())
+    assert plan["base"]["method_options"]["residual"] is True
+    full, ablated = data["rows"]
+    drop = full["test_mean"] - ablated["test_mean"]
+    assert f"| no_residual | {ablated['validation_mean']:.4f} ± 0.0000 | {ablated['test_mean']:.4f} ± 0.0000 | " \
+           f"{drop:+.4f} |" in (out / "report.md").read_text()
+
+
+def test_recommend_from_a_comparison(compared, tmp_path, tiny_model_dir, toy_task):
+    out, _, _ = compared
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    expected, _ = pick([{**r, "method": r["variant"]} for r in rows])
+    options = {"model": tiny_model_dir, "task": toy_task["task"], "train_file": toy_task["train_file"]}
+    rec = recommend(tmp_path / "rec", [str(out)], log=lambda _: None, **options)
+    assert rec.method == expected["variant"]
+    assert rec.lab_method == "p_tuning"  # 36 training examples: the lab's few-data branch
+    assert {e["method"] for e in rec.evidence} == {"prompt_tuning", "lora"}
+    text = (tmp_path / "rec" / "recommendation.md").read_text()
+    assert f"--method {rec.method}" in text and "lab's decision tree says **p_tuning**" in text
+    assert "was not measured" in text  # the tree's choice was not among the measured methods
+
+
+def test_pick_breaks_ties_by_trainable_share():
+    rows = [{"method": "full", "test_mean": 0.90, "test_std": 0.02, "trainable_percent": 100.0, "train_seconds": 9},
+            {"method": "lora", "test_mean": 0.89, "test_std": 0.01, "trainable_percent": 0.3, "train_seconds": 5},
+            {"method": "bitfit", "test_mean": 0.80, "test_std": 0.0, "trainable_percent": 0.1, "train_seconds": 4}]
+    chosen, tied = pick(rows)
+    assert chosen["method"] == "lora" and [r["method"] for r in tied] == ["full", "lora"]
+    rows[0]["test_std"] = 0.0
+    assert pick(rows)[0]["method"] == "full"  # 0.01 behind is more than the 0.005 margin
+
+
+def test_the_labs_tree_and_complexity():
+    assert choose_peft_method("tagging", 22_000_000, 2000)[0] == "p_tuning_v2"
+    assert choose_peft_method("classification", 11_000_000_000, 2000)[0] == "prompt_tuning"
+    assert choose_peft_method("classification", 22_000_000, 500)[0] == "p_tuning"
+    assert choose_peft_method("classification", 22_000_000, 2000)[0] == "p_tuning_v2"
+    assert choose_peft_method("causal_lm", 270_000_000, 2000)[0] == "lora"
+    assert [complexity("classification", 2), complexity("classification", 5), complexity("tagging", 9)] == \
+        ["simple", "medium", "complex"]
+
+
+def test_plans_refuse_bad_input():
+    assert parse_seeds(3, 13) == (13, 14, 15) and parse_seeds("1,7", 13) == (1, 7)
+    for bad in (0, "1,1", "a"):
+        with pytest.raises(ConfigError, match="seeds"):
+            parse_seeds(bad, 13)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        compare_plan("lora,nope", (1,), {})
+    with pytest.raises(ConfigError, match="no method in --methods has this option"):
+        compare_plan("lora,bitfit", (1,), {"method_options": {"encoder": "mlp"}})
+    with pytest.raises(ConfigError, match="option=v1,v2"):
+        sweep_plan("num_virtual_tokens", (1,), {})
+    with pytest.raises(ConfigError, match="neither a training option nor an option of method lora"):
+        sweep_plan("encoder=none,mlp", (1,), {"method": "lora"})
+    with pytest.raises(ConfigError, match="no prompt encoder"):
+        ablate_plan((1,), {"method": "lora"})
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        ablate_plan((1,), {}, "no_head")
+    plan = compare_plan("p_tuning,lora", (1,), {"method_options": {"num_virtual_tokens": 4}})
+    assert [v.method_options for v in plan.variants] == [{"num_virtual_tokens": 4}, {}]
+
+
+@pytest.mark.parametrize("config", [ptune.PromptTuningConfig(num_virtual_tokens=0),
+                                    ptune.PTuningConfig(num_virtual_tokens=0),
+                                    ptune.PTuningV2Config(num_virtual_tokens=0),
+                                    ptune.PrefixTuningConfig(num_virtual_tokens=0)], ids=lambda c: c.method)
+def test_zero_virtual_tokens_is_the_frozen_base_and_head(config, tokenizer):
+    from conftest import tiny_base
+
+    model = ptune.apply(tiny_base("bert"), config, head=ptune.HeadConfig("classification", num_labels=3),
+                        tokenizer=tokenizer).eval()
+    assert model.trainable_parameters()[0] == 32 * 3 + 3
+    assert model.spec.template.num_virtual_tokens == 0
+    enc = ptune.TemplateEncoder(model.template, tokenizer, max_length=16)
+    batch = ptune.batching.collate([enc.encode({"text": "a goal"})], pad_id=tokenizer.pad_token_id)
+    with model.disable_adapter():
+        plain = model(**batch).logits
+    assert (model(**batch).logits == plain).all()
+    with pytest.raises(ConfigError, match=r"num_virtual_tokens=0 means no virtual tokens|must not contain \[P\] markers"):
+        ptune.apply(tiny_base("bert"), config, head=ptune.HeadConfig("classification", num_labels=3),
+                    template="[P:2] {text}", tokenizer=tokenizer)
+
+
+def test_max_minutes_stops_the_run_and_still_evaluates(tmp_path, tiny_model_dir, toy_task):
+    from ptune.engine import TrainConfig, train
+
+    cfg = TrainConfig(model=tiny_model_dir, task=toy_task["task"], train_file=toy_task["train_file"],
+                      validation_file=toy_task["validation_file"], test_file=toy_task["test_file"],
+                      method="lora", epochs=50, batch_size=4, max_minutes=1e-6, progress=False,
+                      output_dir=str(tmp_path / "run"))
+    summary = train(cfg)
+    assert summary["steps"] == 1 and summary["best_step"] == 1
+    assert summary["stopped"].startswith("time budget") and summary["test"] is not None
