@@ -24,3 +24,14 @@ __all__ = ["apply", "export_peft", "export_merged", "from_spec", "load_adapter",
            "LoraConfig", "ManualConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config",
            "QLoraConfig", "make_config", "merge_and_unload", "PtuneModel", "load_base", "load_tokenizer", "BaseSpec",
            "RunSpec", "Template", "TemplateEncoder", "batching", "AdapterSet", "predict_mixed", "__version__"]
+
+
+def __getattr__(name: str):
+    """``ptune.engine.Run``, ``ptune.serve.create_app``, ``ptune.cli``: a submodule that ``import ptune``
+    does not load eagerly (it would slow every import, or needs an extra) loads on first attribute access."""
+    import importlib
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
