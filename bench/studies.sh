@@ -2,11 +2,11 @@
 # The lab's tables on the packaged assets (MiniLM + bbc), each an ordinary ptune study:
 #   6.1 analogue: five methods + P-Tuning v2 over 3 seeds; 6.2 analogue: P-Tuning's ablation over 3 seeds;
 #   a prompt-length sweep 0..100 (P-Tuning v2: deep prompts take no input positions, so every length
-#   sees the same text). 400 training articles, max length 128, 3 epochs, batch 16, evaluation every 15 steps.
-# About an hour on a 2-core CPU. Re-running continues an interrupted study (finished runs are reused).
+#   sees the same text). 320 training articles, max length 64 (headline and first sentence), 2 epochs,
+#   batch 16, evaluation every 10 steps: about an hour on a 2-core CPU. Re-running continues an interrupted study (finished runs are reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-COMMON=(--model minilm --task bbc --limit-train 400 --max-length 128 --epochs 3 --batch-size 16 --eval-every 15)
+COMMON=(--model minilm --task bbc --limit-train 320 --max-length 64 --epochs 2 --batch-size 16 --eval-every 10)
 ptune compare --methods p_tuning,prompt_tuning,p_tuning_v2,lora,bitfit,full --seeds 3 "${COMMON[@]}" \
   --output-dir bench/studies/compare
 ptune ablate --seeds 3 "${COMMON[@]}" --output-dir bench/studies/ablate

@@ -46,6 +46,14 @@ PLAIN_HEADS = {  # the heads each tiny architecture can carry (test_methods_matr
     "gemma3": ("classification", "tagging", "causal_lm"),
 }
 HEADS = {**PLAIN_HEADS, "llama64": ("classification", "causal_lm")}  # 4-bit cases: whole NF4 blocks wide
+for _arch in ("bert", "gpt2"):  # multiple choice: the body sees one plain row per choice, on an encoder and a decoder
+    HEADS[_arch] = (*HEADS[_arch], "multiple_choice")
+HEADS["gpt2"] = (*HEADS["gpt2"], "multiple_choice_lm")  # choices scored by the causal LM's own log-probs
+for _arch in ("bert", "gpt2"):  # span QA: start / end logits per position of each context window
+    HEADS[_arch] = (*HEADS[_arch], "span_qa")
+MC = {"verbalizer": " {mask}", "multiple_choice": " {choice}", "multiple_choice_lm": " {choice}",
+      "span_qa": " [SEP] {context}"}  # template tails
+QA = [("what happened?", "a draw"), ("stir what?", "the sauce"), ("what won?", "a late goal"), ("why?", None)]
 NO_BIAS = {"llama", "gemma3", "llama64"}  # built without bias terms: BitFit is refused there by design
 
 
@@ -67,6 +75,7 @@ WORDS = [["John", "lives", "in", "Paris"], ["unbelievably", "good", "pasta"], ["
          ["Kuala", "Lumpur"]]
 TAGS = [[1, 0, 0, 2], [0, 0, 3], [0, 1, 0], [2, 2]]
 TARGETS = [" yes", " no", " yes", " no"]
+CHOICES = [["yes", "no"], ["salt", "sugar", "flour"], ["won", "lost"], ["bread", "cake", "rice", "soup"]]
 
 
 def make_base(arch: str, kind: str, quant: str | None):
@@ -84,15 +93,17 @@ def make_base(arch: str, kind: str, quant: str | None):
 def build(method: str, arch: str, head: str, quant: str | None, tokenizer):
     """(model, rows, batch, make_fresh_base) for one case; 4 rows of different lengths."""
     decoder = arch not in ("bert", "roberta")
-    kind = {"classification": "backbone", "tagging": "backbone", "causal_lm": "causal_lm",
+    kind = {"classification": "backbone", "tagging": "backbone", "causal_lm": "causal_lm", "multiple_choice": "backbone",
+            "multiple_choice_lm": "causal_lm", "span_qa": "backbone",
             "verbalizer": "causal_lm" if decoder else "masked_lm"}[head]
     field = "tokens" if head == "tagging" else "text"
     config = METHODS[method]()
     if method == "p_tuning":
         config = ptune.PTuningConfig(**{**config.__dict__, "template": config.template.replace("{field}", "{%s}" % field)
-                                        + (" {mask}" if head == "verbalizer" else "")})
-    template = "{%s}" % field + (" {mask}" if head == "verbalizer" else "")
-    hc = ptune.HeadConfig(head, num_labels={"tagging": 4}.get(head, 2), dropout=0.0)
+                                        + MC.get(head, "")})
+    template = "{%s}" % field + MC.get(head, "")
+    hc = ptune.HeadConfig(head, num_labels={"tagging": 4, "multiple_choice": 1, "multiple_choice_lm": 1}.get(head, 2),
+                          dropout=0.0)
     model = ptune.apply(make_base(arch, kind, quant), config, head=hc, tokenizer=tokenizer, template=template,
                         labels=["good", "bad"] if head == "verbalizer" else ())
     enc = ptune.TemplateEncoder(model.template, tokenizer, causal=decoder)
@@ -101,6 +112,20 @@ def build(method: str, arch: str, head: str, quant: str | None, tokenizer):
         targets = None
     elif head == "causal_lm":
         rows = [enc.encode({"text": t}, target=y) for t, y in zip(TEXTS, TARGETS)]
+        targets = None
+    elif head.startswith("multiple_choice"):
+        from ptune.data import Task
+
+        task = Task(name="mc", head=head)
+        rows = [task.kind.encode(task, enc, {"text": t, "choices": c}, False).encoded for t, c in zip(TEXTS, CHOICES)]
+        targets = [0, 2, 1, 3]
+    elif head == "span_qa":  # one window per record here (short contexts)
+        from ptune.data import Task
+
+        task = Task(name="qa", head=head, text_fields=("text", "context"), label_field="answers", allow_no_answer=True)
+        recs = [{"text": q, "context": c, "answers": {"text": [a] if a else [], "answer_start": [c.index(a)] if a else []}}
+                for (q, a), c in zip(QA, TEXTS)]
+        rows = [task.kind.encode(task, enc, r, True).encoded for r in recs]
         targets = None
     else:
         rows = [enc.encode({"text": t}) for t in TEXTS]
@@ -122,8 +147,13 @@ def test_shared_checks(method, arch, head, quant, tokenizer, tmp_path):
     # forward
     out = model(**batch)
     B, T = batch["input_ids"].shape
-    width = {"classification": 2, "verbalizer": 2, "tagging": 4, "causal_lm": 30522}[head]
+    width = {"classification": 2, "verbalizer": 2, "tagging": 4, "causal_lm": 30522, "multiple_choice": 4,
+             "multiple_choice_lm": 4, "span_qa": 2}[head]
     want = (B, width) if head in ("classification", "verbalizer") else (B, T, width)
+    if head.startswith("multiple_choice"):  # one row per choice in the body, one score row per record out of the head
+        want = (len(rows), width)
+    if head == "span_qa":  # windows regrouped per record: (records, most windows, T, start / end)
+        want = (len(rows), 1, T, width)
     assert tuple(out.logits.shape) == want and torch.isfinite(out.loss)
 
     # a few steps, then the frozen part of the base is bit-identical
@@ -149,8 +179,12 @@ def test_shared_checks(method, arch, head, quant, tokenizer, tmp_path):
         for j, row in enumerate(rows):
             alone = collate([row], pad_id=tokenizer.pad_token_id, targets=[targets[j]] if targets else None)
             n = len(row.input_ids)
-            torch.testing.assert_close(per_row(model(**alone).logits, 0, n), per_row(logits, j, n),
-                                       atol=tol, rtol=tol)
+            got, want_row = per_row(model(**alone).logits, 0, n), per_row(logits, j, n)
+            if head.startswith("multiple_choice"):  # the batch pads the record's score row with -inf choices
+                got, want_row = got[:len(CHOICES[j])], want_row[:len(CHOICES[j])]
+            if head == "span_qa":  # per window, its real positions
+                got, want_row = got[:, :n], want_row[:, :n]
+            torch.testing.assert_close(got, want_row, atol=tol, rtol=tol)
 
     # disable_adapter(): exactly the untouched base, then the adapter again
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "virtual_index")}

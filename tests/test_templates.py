@@ -276,3 +276,10 @@ def test_spaces_before_a_field_stay_with_the_field_under_bpe():
     assert got.label_position == len(got.input_ids) - 1
     spaced = TemplateEncoder("[P:2] {subject} is [P:1]{mask}", tok, causal=True).encode({"subject": "Japan"})
     assert spaced.input_ids[2:-1] == tok(" Japan is", add_special_tokens=False)["input_ids"]
+
+
+def test_backslash_escapes_in_literal_text():
+    # what a shell passes for --template "{text}\n[P:2]About{mask}": a backslash and an n
+    t = Template.parse("{text}\\n[P:2]About{mask} a\\\\b\\tc \\q")
+    texts = [s.value for s in t.segments if s.kind == "text"]
+    assert texts == ["\n", "About", " a\\b\tc \\q"]  # \n, \\, \t become characters; others stay as typed

@@ -210,7 +210,7 @@ class AdapterSet:
                                   "single-task adapters, score this one with ptune.engine.Run")
             from .heads import head_kind
 
-            if head_kind(spec.head.kind).label_form == "choice":
+            if head_kind(spec.head.kind).label_form in ("choice", "span"):  # several rows per input
                 raise ConfigError(f"{where} has a {spec.head.kind} head, which scores several rows per input; an "
                                   "AdapterSet scores one row per input: score it with ptune.engine.Run")
             if head_kind(spec.head.kind).label_form == "text":

@@ -9,6 +9,7 @@ generator) so little compute goes to padding.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -16,9 +17,40 @@ import torch
 from .templates import Encoded
 
 
+@dataclass
+class ChoiceRows(Encoded):
+    """A multiple-choice record: one encoded row per choice (``choices``). Its own ``input_ids`` are its
+    longest choice's, so length ordering and bucketing treat it like any row; ``collate`` flattens it."""
+
+    choices: list[Encoded] = field(default_factory=list)
+
+
+@dataclass
+class WindowRows(ChoiceRows):
+    """A span-QA record: one encoded row per window of its context (``choices``). ``collate`` flattens it as
+    choices; the windows' token labels are training targets (answer start / end) and stay ``labels``."""
+
+
 def collate(rows: Sequence[Encoded], *, pad_id: int, targets: Sequence[int] | None = None,
             task_ids: Sequence[int] | None = None, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad rows into a batch. ``targets``: one class id per row (classification / verbalizer)."""
+    """Pad rows into a batch. ``targets``: one class id per row (classification / verbalizer).
+
+    Multiple-choice rows (:class:`ChoiceRows`) are flattened into one row per choice (the body sees
+    sum-of-choices rows, no padded choices), and ``choice_mask`` (records, most choices) says which
+    slots of each record's score row are real; ``targets`` and ``task_ids`` stay one per record. Choice
+    rows with token labels (scored by an LM) give them as ``choice_tokens``.
+    """
+    if rows and isinstance(rows[0], ChoiceRows):
+        counts = [len(r.choices) for r in rows]
+        per_row = None if task_ids is None else [t for t, n in zip(task_ids, counts) for _ in range(n)]
+        batch = collate([c for r in rows for c in r.choices], pad_id=pad_id, task_ids=per_row, left=left)
+        n = torch.tensor(counts)
+        batch["choice_mask"] = torch.arange(int(n.max()))[None, :] < n[:, None]
+        if "labels" in batch and not isinstance(rows[0], WindowRows):
+            batch["choice_tokens"] = batch.pop("labels")
+        if targets is not None:
+            batch["labels"] = torch.tensor(list(targets), dtype=torch.long)
+        return batch
     T = max(len(r.input_ids) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

@@ -208,6 +208,8 @@ def _print_result(result: dict, as_json: bool, prefix: str = "") -> None:
         print(f"{prefix}error: {result['error']}")
     elif "tags" in result:
         print(prefix + " ".join(f"{t}/{g}" for t, g in zip(result["tokens"], result["tags"])))
+    elif "answer" in result:  # span QA: the answer ("" = no answer) and its score
+        print(f"{prefix}{result['answer'] or '(no answer)'}\t{result['score']:.3f}")
     else:
         probs = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:5]  # the top 5
         print(f"{prefix}{result['label']}\t" + "  ".join(f"{k}={v:.3f}" for k, v in probs))

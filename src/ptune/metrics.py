@@ -1,8 +1,11 @@
-"""Metric functions: accuracy, macro-F1, entity-level P/R/F1 (seqeval). Which head reports which is the head's
-business (``ptune.heads``: each head kind lists its metrics as ``MetricSpec``s)."""
+"""Metric functions: accuracy, macro-F1, entity-level P/R/F1 (seqeval), SQuAD exact match / token F1. Which head
+reports which is the head's business (``ptune.heads``: each head kind lists its metrics as ``MetricSpec``s)."""
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from typing import Any, Sequence
 
 
@@ -30,3 +33,43 @@ def entity_scores(preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]])
     return {"precision": float(precision_score(r, p, zero_division=0)),
             "recall": float(recall_score(r, p, zero_division=0)),
             "f1": float(f1_score(r, p, zero_division=0))}
+
+
+# SQuAD's answer normalisation and scores, as the official v2.0 evaluation script computes them
+# (per question: the max over its gold answers; a question with no gold answer has the gold "").
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, drop the articles a / an / the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact(gold: str, pred: str) -> float:
+    return float(normalize_answer(gold) == normalize_answer(pred))
+
+
+def squad_f1(gold: str, pred: str) -> float:
+    """Token F1 between normalised answers; 1 when both are empty (no answer), 0 when only one is."""
+    gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
+    if not gold_toks or not pred_toks:
+        return float(gold_toks == pred_toks)
+    same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_toks), same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(preds: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean exact match and F1 (in [0, 1]) over questions; ``golds[i]``: question i's gold answers, gold answers
+    that normalise to nothing are dropped and none left means the gold is "" (unanswerable), as the v2.0 script."""
+    em = f1 = 0.0
+    for pred, answers in zip(preds, golds):
+        answers = [a for a in answers if normalize_answer(a)] or [""]
+        em += max(squad_exact(a, pred) for a in answers)
+        f1 += max(squad_f1(a, pred) for a in answers)
+    n = max(len(preds), 1)
+    return {"exact_match": em / n, "f1": f1 / n}

@@ -124,11 +124,12 @@ class PtuneModel(nn.Module):
                 virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, label_position: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None,
-                **_: Any) -> Output:
+                choice_tokens: torch.Tensor | None = None, **_: Any) -> Output:
         """Scores (and the loss when ``labels`` are given).
 
         ``choice_mask`` (records, choices): a multiple-choice batch, whose rows are the records' choices
         flattened (see :func:`ptune.batching.collate`); its head scores one row per record.
+        ``choice_tokens``: the choices' own tokens where an LM scores them (-100 elsewhere).
 
         A prompt ensemble of K members (``spec.ensemble``) repeats every row K times in the batch, one
         copy per prompt table (Lester et al.: one forward pass, not K runs); the loss is the members'
@@ -148,6 +149,8 @@ class PtuneModel(nn.Module):
         head_batch = {"attention_mask": attention_mask, "label_position": label_position}
         if choice_mask is not None:
             head_batch["choice_mask"] = choice_mask
+        if choice_tokens is not None:
+            head_batch["choice_tokens"] = choice_tokens
         logits = self.head(hidden, head_batch)
         loss = self.head.loss(logits, labels) if labels is not None else None
         if not repeated:

@@ -125,6 +125,10 @@ def apply_multitask(base: nn.Module, config: Any, parts: Sequence[TaskPart], *, 
         if tables != len(parts):
             raise ConfigError(f"{len(parts)} tasks with a prompt each need num_tasks={len(parts)}, not {tables}")
         index = tuple(range(len(parts)))
+    for p in parts:
+        if head_kind(p.head.kind).label_form in ("choice", "span"):  # several rows per record
+            raise ConfigError(f"task {p.task.name}: a {p.head.kind} head scores several rows per record and cannot "
+                              "share multi-task batches; train it as a task of its own")
     kind = base_kind_for([p.head for p in parts], arch_facts(base).is_encoder)
     base_spec = base_spec_of(base, kind)
     specs = tuple(resolve_spec(base_spec, config, head=p.head, template=p.template, tokenizer=tokenizer,

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from .errors import ConfigError, DataError, TemplateError
 
 MASK = "mask"
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}  # escapes in literal text: a newline typed in a --template flag
 _FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VIRTUAL_RE = re.compile(r"\[P(?::(\d+))?\]")
 
@@ -90,6 +91,9 @@ class Template:
                 raise TemplateError(
                     f"template {source!r}: malformed virtual-token marker at position {i}; "
                     "write [P] or [P:n] with a positive integer n")
+            elif c == "\\" and source[i + 1:i + 2] in _ESCAPES:  # \n, \t, \\ as typed in a shell flag
+                text.append(_ESCAPES[source[i + 1]])
+                i += 2
             else:
                 text.append(c)
                 i += 1
@@ -172,12 +176,15 @@ class TemplateEncoder:
         return ids
 
     def encode(self, record: dict, *, tagging_field: str | None = None,
-               tags: Sequence[int] | None = None, target: str | None = None) -> Encoded:
+               tags: Sequence[int] | None = None, target: str | None = None,
+               token_fields: dict[str, Sequence[int]] | None = None) -> Encoded:
         """Tokenize ``record`` through the template.
 
         ``tagging_field``/``tags``: the field holding a list of words and their label ids (aligned
         to the first sub-token of each word). ``target``: causal-LM target text appended after the
-        template; the loss then falls on the target tokens only.
+        template; the loss then falls on the target tokens only. ``token_fields``: fields given as
+        token ids (one window of a long context, span QA): placed as they are and never truncated;
+        ``word_ids`` numbers their tokens 0, 1, ... where they land.
         """
         tpl = self.template
         # 1. tokenize every piece; fields are truncatable, the rest is fixed
@@ -198,6 +205,10 @@ class TemplateEncoder:
                 vcount += seg.value
             elif seg.kind == "mask":
                 pieces.append(("mask", [] if self.causal else [self.tokenizer.mask_token_id], []))
+            elif token_fields is not None and seg.value in token_fields:
+                ids = list(token_fields[seg.value])
+                pieces.append(("tokens", ids, list(range(len(ids)))))
+                pending_space = ""
             else:
                 value = record.get(seg.value)
                 if value is None:
@@ -245,7 +256,7 @@ class TemplateEncoder:
             elif kind == "mask":
                 label_position = len(input_ids) - 1 if self.causal else len(input_ids)
                 wids = [-1] * len(ids)
-            else:
+            elif kind != "tokens":
                 wids = [-1] * len(ids)
             input_ids.extend(ids)
             vindex.extend([-1] * len(ids))

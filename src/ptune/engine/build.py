@@ -127,7 +127,7 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
 def check_ensemble(cfg: TrainConfig, head: HeadConfig) -> None:
     if head.spec.label_form == "text":
         raise ConfigError(f"ensemble averages class or tag probabilities; a {head.kind} head generates text")
-    if head.spec.label_form == "choice":
+    if head.spec.label_form in ("choice", "span"):
         raise ConfigError(f"ensemble repeats every row per member, and a {head.kind} head scores several rows per "
                           "record; train it without --ensemble")
     init = getattr(cfg.method_config(), "init", "random")

@@ -79,13 +79,17 @@ def bf16_autocast() -> Any:
 
 
 def bf16_available() -> bool:
+    """Whether bf16 autocast pays here: a GPU with bf16, or a CPU with bf16 arithmetic of its own
+    (AVX512-BF16 or AMX). Without it oneDNN emulates bf16 through conversions: a MiniLM training step
+    measured 2.5x slower than fp32 on an AVX512 CPU without AVX512-BF16 (see BENCHMARKS.md)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") or "avx512_bf16" in open(
-            "/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def peak_rss_mb() -> float:

@@ -4,6 +4,9 @@
 - ``tagging``: a new linear layer on every position (sequence labelling; entity F1 with seqeval).
 - ``verbalizer``: the base's own LM head scores label words at the label slot (no new weights).
 - ``causal_lm``: the LM head over every position; loss on target tokens only.
+- ``multiple_choice``: a new linear layer scores each (question, choice) row; softmax over a record's choices.
+- ``multiple_choice_lm``: a causal LM's own log-probability of each choice's tokens scores it (no new weights).
+- ``span_qa``: a new linear layer gives start / end logits on every position; answers are spans of the context.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from ..errors import ConfigError
 from .base import Example, HeadBase, HeadConfig, HeadKind, MetricSpec, lm_head_of
 from .causal_lm import CausalLMHead
 from .classification import ClassificationHead
+from .multiple_choice import MultipleChoiceHead, MultipleChoiceLMHead
+from .span_qa import SpanQAHead
 from .tagging import TaggingHead
 from .verbalizer import VerbalizerHead, collision_message, first_token_collisions, label_word_ids
 
@@ -20,6 +25,9 @@ HEAD_KINDS: dict[str, HeadKind] = {
     "tagging": TaggingHead(),
     "verbalizer": VerbalizerHead(),
     "causal_lm": CausalLMHead(),
+    "multiple_choice": MultipleChoiceHead(),
+    "multiple_choice_lm": MultipleChoiceLMHead(),
+    "span_qa": SpanQAHead(),
 }
 
 

@@ -79,7 +79,7 @@ class HeadKind(Protocol):
     """What a head kind provides; each is a stateless object registered in ``ptune.heads``."""
 
     name: str
-    label_form: str  # "class" | "tags" | "text": heads of one form can stand in for each other on a task
+    label_form: str  # "class" | "tags" | "text" | "choice" | "span": heads of one form can stand in for each other on a task
     new_weights: bool  # whether the head adds weights that must be trained (zero-shot needs False)
     metrics: tuple[MetricSpec, ...]  # the first is the default main metric
 
