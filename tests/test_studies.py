@@ -8,7 +8,6 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -68,7 +67,7 @@ def test_compare_report_equals_the_runs_summaries(compared, monkeypatch):
     assert len({r["trainable"] for r in data["rows"]}) == 2
     for name in data["plots"]:
         assert (out / name).read_bytes()[:8] == PNG
-        assert f"![" in (out / "report.md").read_text() and name in (out / "report.md").read_text()
+        assert "![" in (out / "report.md").read_text() and name in (out / "report.md").read_text()
     assert (out / "report.html").read_text().count("data:image/png;base64,") == len(data["plots"]) == 3
     assert "| prompt_tuning |" in proc.stdout and "report.md" in proc.stdout
 

@@ -10,10 +10,8 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import FOOD, SPORT
 from test_train_loop import interrupt_after, losses
 
-import ptune
 from ptune.engine import Run, TrainConfig, train
 from ptune.engine.build import build_model, encode_records, load_task, load_run_tokenizer, make_encoder
 from ptune.engine.evaluate import make_batch
