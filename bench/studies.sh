@@ -12,3 +12,10 @@ ptune compare --methods p_tuning,prompt_tuning,p_tuning_v2,lora,bitfit,full --se
 ptune ablate --seeds 3 "${COMMON[@]}" --output-dir bench/studies/ablate
 ptune sweep --method p_tuning_v2 --sweep num_virtual_tokens=0,1,5,10,20,50,100 --seeds 1 "${COMMON[@]}" \
   --output-dir bench/studies/sweep_num_virtual_tokens
+# LoRA, BitFit and full fine-tuning trail far behind at their default learning rates in 40 steps: is it the rate?
+ptune sweep --method lora --sweep lr=5e-4,2e-3,5e-3,1e-2 --seeds 1 "${COMMON[@]}" --output-dir bench/studies/sweep_lr_lora
+ptune sweep --method full --sweep lr=3e-5,1e-4,3e-4 --seeds 1 "${COMMON[@]}" --output-dir bench/studies/sweep_lr_full
+ptune sweep --method bitfit --sweep lr=1e-3,5e-3,2e-2 --seeds 1 "${COMMON[@]}" --output-dir bench/studies/sweep_lr_bitfit
+# the same three at the rate their sweep's validation accuracy picked, over 3 seeds (seed 13's sweep chose them)
+ptune compare --methods lora:lr=1e-2,bitfit:lr=5e-3,full:lr=3e-4 --seeds 3 "${COMMON[@]}" \
+  --output-dir bench/studies/compare_tuned_lr

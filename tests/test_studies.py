@@ -189,6 +189,13 @@ def test_plans_refuse_bad_input():
         ablate_plan((1,), {}, "no_head")
     plan = compare_plan("p_tuning,lora", (1,), {"method_options": {"num_virtual_tokens": 4}})
     assert [v.method_options for v in plan.variants] == [{"num_virtual_tokens": 4}, {}]
+    plan = compare_plan("p_tuning,lora:lr=5e-3:r=16", (1,), {})  # a method's own settings after colons
+    assert [(v.name, v.options, v.method_options) for v in plan.variants] == [
+        ("p_tuning", {"method": "p_tuning"}, {}), ("lora:lr=5e-3:r=16", {"method": "lora", "lr": 5e-3}, {"r": 16})]
+    with pytest.raises(ConfigError, match="neither a training option nor an option of lora"):
+        compare_plan("lora:encoder=mlp", (1,), {})
+    with pytest.raises(ConfigError, match="METHOD:option=value"):
+        compare_plan("lora:lr", (1,), {})
 
 
 @pytest.mark.parametrize("config", [ptune.PromptTuningConfig(num_virtual_tokens=0),

@@ -115,23 +115,45 @@ def _check_options(base: dict[str, Any]) -> None:
 
 
 def compare_plan(methods: Any, seeds: tuple[int, ...], base: dict[str, Any]) -> Study:
-    """One variant per method; method options given to the study go to the methods that have them."""
+    """One variant per method; method options given to the study go to the methods that have them.
+
+    A method may carry its own settings after colons, ``lora:lr=5e-3:r=16`` (training options such as
+    ``lr`` or the method's own options), so each method can run at its own tuned learning rate."""
+    from ..cli import _value
+    from ..engine.config import TrainConfig
     from ..methods import method_entry
 
     _check_options(base)
-    names = split_list(methods, "--methods")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--methods lists {names}: each method once")
+    items = split_list(methods, "--methods")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"--methods lists {items}: each method once")
     shared = dict(base.get("method_options", {}))
     base = {k: v for k, v in base.items() if k not in ("method", "method_options")}
-    variants = []
-    for name in names:
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_options"}
+    variants, names = [], []
+    for item in items:
+        name, *settings = [part.strip() for part in item.split(":")]
         method_entry(name)  # an unknown method fails now, naming the known ones
         if name == "manual":
             raise ConfigError("manual trains nothing; compare trained methods (zero-shot: ptune eval --zero-shot)")
         fields = _method_fields(name)
+        options: dict[str, Any] = {"method": name}
         own = {k: v for k, v in shared.items() if k in fields}
-        variants.append(Variant(name, {"method": name}, own))
+        for setting in settings:
+            key, eq, value = setting.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or not key:
+                raise ConfigError(f"--methods {item!r}: write settings as METHOD:option=value (e.g. lora:lr=5e-3)")
+            if key in ("method", "seed", "output_dir", "task", "resume", "overwrite"):
+                raise ConfigError(f"--methods {item!r}: {key} is set by the study, not per method")
+            if key in train_fields:
+                options[key] = _value(value)
+            elif key in fields:
+                own[key] = _value(value)
+            else:
+                raise ConfigError(f"--methods {item!r}: {key} is neither a training option nor an option of {name}")
+        names.append(name)
+        variants.append(Variant(item if settings else name, options, own))
     unused = set(shared) - set().union(*(_method_fields(n) for n in names))
     if unused:
         raise ConfigError(f"{', '.join(sorted(unused))}: no method in --methods has this option")

@@ -101,6 +101,14 @@ def _facts(options: dict[str, Any]) -> dict[str, Any]:
             "train_size": len(records["train"]), "model_parameters": sum(p.numel() for p in base.parameters())}
 
 
+def _variant_method(variant: str) -> dict[str, Any]:
+    """A compare row's method and its own settings: ``lora:lr=0.005`` -> lora, {lr: 0.005}."""
+    from ..cli import _value
+
+    name, *parts = variant.split(":")
+    return {"method": name, "settings": {k: _value(v) for k, _, v in (p.partition("=") for p in parts)}}
+
+
 def _rows_from(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Method rows (compare studies) and sweeps by option, from studies' results.json."""
     methods: list[dict[str, Any]] = []
@@ -113,7 +121,7 @@ def _rows_from(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[di
         for row in data["rows"]:
             row = {**row, "source": str(d)}
             if data["kind"] in ("compare", "probe"):
-                methods.append({**row, "method": row["variant"]})
+                methods.append({**row, **_variant_method(row["variant"])})
             elif data["kind"] == "sweep":
                 row["method"] = data["base"].get("method", "p_tuning_v2")
                 sweeps.setdefault(data["swept"], []).append(row)
@@ -146,15 +154,16 @@ def recommend(output_dir: str | Path = "runs/recommend", sources: list[str] | No
         log(f"ptune: recommend: probing {len(names)} methods, about {share:.1f} min each "
             f"({probe['limit_train']} training examples, at most {steps} steps)")
         data = compare(",".join(names), output_dir / "probe", seeds=1, log=log, **probe)
-        rows, sweeps = [{**r, "method": r["variant"], "source": str(output_dir / "probe")} for r in data["rows"]], {}
+        rows = [{**r, **_variant_method(r["variant"]), "source": str(output_dir / "probe")} for r in data["rows"]]
+        sweeps = {}
         sources = [str(output_dir / "probe")]
     chosen, tied = pick(rows)
     method = chosen["method"]
-    settings: dict[str, Any] = {}
-    notes: list[str] = []
+    settings: dict[str, Any] = dict(chosen.get("settings", {}))  # compare --methods lora:lr=5e-3
+    notes: list[str] = [f"{k}={v} as compared" for k, v in settings.items()]
     for option, swept in sweeps.items():
         own = [r for r in swept if r["method"] == method and r.get("value") is not None]
-        if own:
+        if own and option not in settings:
             best, _ = pick(own)
             settings[option] = best["value"]
             notes.append(f"{option}={best['value']} from the sweep in {best['source']}")
@@ -181,7 +190,7 @@ def recommend(output_dir: str | Path = "runs/recommend", sources: list[str] | No
             disagreements.append(f"the lab's tree says {lab_method} ({lab_reason}); measured it scores "
                                  f"{_score(lab_row)[0]:.4f}, {gap:+.4f} behind {method}"
                                  + (" (within the tie margin)" if lab_row in tied else ""))
-    evidence = [{"method": r["method"], "metric": r["metric"], "score": _score(r)[0], "std": _score(r)[1],
+    evidence = [{"method": r.get("variant", r["method"]), "metric": r["metric"], "score": _score(r)[0], "std": _score(r)[1],
                  "trainable_percent": r["trainable_percent"], "train_seconds": r["train_seconds"],
                  "samples_per_second": r["samples_per_second"], "peak_rss_mb": r["peak_rss_mb"],
                  "source": r["source"]} for r in sorted(rows, key=lambda r: -_score(r)[0])]

@@ -101,7 +101,10 @@ def _notes(study: Study, data: dict[str, Any]) -> list[str]:
              "score reached 95% of that run's best."]
     loads = [v for r in data["runs"] if r.get("load") for v in r["load"]]
     if loads:
-        notes.append(f"Machine load (1-minute load average at the start and end of each run, {os.cpu_count()} CPUs): "
+        from .runner import cpu_model
+
+        notes.append(f"Machine: {cpu_model() or 'CPU'}, {os.cpu_count()} CPUs; load (1-minute load average at the start "
+                     f"and end of each run): "
                      f"{min(loads):.1f} to {max(loads):.1f}; times and samples/s compare fairly only under similar load.")
     if study.kind == "ablate":
         notes.append("Drop from full: the full model's score minus the variant's (test where measured, else "

@@ -27,6 +27,14 @@ from .plan import Study
 VOLATILE = ("resume", "overwrite", "progress", "allow_changes")
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def run_state(run_dir: Path) -> str:
     if (run_dir / "summary.json").is_file():
         return "done"
@@ -107,7 +115,7 @@ def _train_in_subprocess(options: dict[str, Any], run_dir: Path, extra_env: dict
             code = 130 if code != 0 else 0
     # the machine's load while the run trained: its times are comparable only under similar load
     (run_dir.parent / f"seed-{options['seed']}.host.json").write_text(json.dumps(
-        {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()[0],
+        {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_before": load_before, "load_after": os.getloadavg()[0],
          "seconds": time.perf_counter() - started}))
     if code != 0 and code != 130:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
