@@ -181,21 +181,26 @@ def recommend(output_dir: str | Path = "runs/recommend", sources: list[str] | No
               else f"tied with the best ({', '.join(r['method'] for r in tied)}) and the smallest trainable share "
                    f"({chosen['trainable_percent']:.3f}%)")
     disagreements = []
-    lab_row = next((r for r in rows if r["method"] == lab_method), None)
-    if lab_method != method:
+    lab_row = next((r for r in sorted(rows, key=lambda r: -_score(r)[0]) if r["method"] == lab_method), None)
+    agrees = lab_method == method
+    if not agrees:
         if lab_row is None:
             disagreements.append(f"the lab's tree says {lab_method}, which was not measured")
+        elif lab_row in tied:
+            agrees = True  # the measurements cannot tell the two apart
+            disagreements.append(f"within the margin: {lab_method} scores {_score(lab_row)[0]:.4f} against "
+                                 f"{method}'s {score:.4f}; {method} wins the tie on its smaller trainable share "
+                                 f"({chosen['trainable_percent']:.3f}% vs {lab_row['trainable_percent']:.3f}%)")
         else:
-            gap = score - _score(lab_row)[0]
             disagreements.append(f"the lab's tree says {lab_method} ({lab_reason}); measured it scores "
-                                 f"{_score(lab_row)[0]:.4f}, {gap:+.4f} behind {method}"
-                                 + (" (within the tie margin)" if lab_row in tied else ""))
+                                 f"{_score(lab_row)[0]:.4f}, {score - _score(lab_row)[0]:.4f} behind {method} "
+                                 f"(more than the tie margin)")
     evidence = [{"method": r.get("variant", r["method"]), "metric": r["metric"], "score": _score(r)[0], "std": _score(r)[1],
                  "trainable_percent": r["trainable_percent"], "train_seconds": r["train_seconds"],
                  "samples_per_second": r["samples_per_second"], "peak_rss_mb": r["peak_rss_mb"],
                  "source": r["source"]} for r in sorted(rows, key=lambda r: -_score(r)[0])]
     rec = Recommendation(method, settings, reason + ("; " + "; ".join(notes) if notes else ""), evidence,
-                         lab_method, lab_reason, lab_settings, lab_method == method, disagreements, list(sources))
+                         lab_method, lab_reason, lab_settings, agrees, disagreements, list(sources))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recommendation.json").write_text(json.dumps({**asdict(rec), "facts": facts}, indent=2))
     (output_dir / "recommendation.md").write_text(render(rec, facts))
@@ -216,8 +221,10 @@ def render(rec: Recommendation, facts: dict[str, Any]) -> str:
     lab = ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in rec.lab_settings.items())
     lines += ["", f"The lab's decision tree says **{rec.lab_method}** ({rec.lab_reason}); its settings for this "
               f"task's complexity: {lab}."]
-    lines.append("The measurements agree with it." if rec.agrees else "Where the measurements disagree: "
-                 + "; ".join(rec.disagreements) + ".")
+    if rec.agrees:
+        lines.append("The measurements agree with it" + (f" {rec.disagreements[0]}." if rec.disagreements else "."))
+    else:
+        lines.append("Where the measurements disagree: " + "; ".join(rec.disagreements) + ".")
     return "\n".join(lines) + "\n"
 
 
