@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def main() -> None:
     task, splits = load_builtin("geo-qa", seed=SEED)
     test = splits["test"][:args.limit_test or None]
     golds = [r["answers"]["text"] for r in test]
-    result: dict = {"task": task.name, "model": "minilm", "seed": SEED, "max_length": task.max_length,
+    result: dict = {"command": " ".join(["python bench/qa.py", *sys.argv[1:]]), "task": task.name, "model": "minilm", "seed": SEED, "max_length": task.max_length,
                     "questions": {k: len(v) for k, v in splits.items()},
                     "unanswerable": {k: sum(not r["answers"]["text"] for r in v) for k, v in splits.items()},
                     "max_steps": args.max_steps, "max_minutes": args.max_minutes, "batch_size": args.batch_size,
@@ -101,7 +102,7 @@ def table(r: dict, out: Path) -> str:
     base = r["always_no_answer"]
     lines = [
         "# geo-qa: extractive QA on MiniLM (P-Tuning v2, LoRA, full fine-tuning)", "",
-        f"Command: `python bench/qa.py`; raw results: `{out}`. Task `geo-qa` (templated GeoNames country facts, "
+        f"Command: `{r.get('command', 'python bench/qa.py')}`; raw results: `{out}`. Task `geo-qa` (templated GeoNames country facts, "
         f"not SQuAD): {r['questions']['train']} / {r['questions']['validation']} / {r['questions']['test']} "
         f"questions (train / validation / test, split by country), {r['unanswerable']['test']} of the test "
         f"questions unanswerable. Max length {r['max_length']}, batch {r['batch_size']}, at most "
