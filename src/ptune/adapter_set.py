@@ -86,10 +86,11 @@ PADDING_WASTE = 0.3  # a forward pass may compute at most 1.3x the positions its
 
 
 def length_chunks(order: list[int], sizes: list[int], batch_size: int,
-                  waste: float = PADDING_WASTE) -> list[list[int]]:
+                  waste: float | None = None) -> list[list[int]]:
     """Split rows sorted by length (``sizes``, ascending, aligned with ``order``) into forward passes of at
     most ``batch_size`` rows whose padded positions stay under ``1 + waste`` times the real ones: short rows of one task
     are not padded to another task's long ones (on a CPU every padded position costs as much as a real one)."""
+    waste = PADDING_WASTE if waste is None else waste
     chunks: list[list[int]] = []
     cur: list[int] = []
     real = 0

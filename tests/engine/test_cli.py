@@ -100,7 +100,8 @@ def test_method_options_mean_one_thing(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--dropout " not in text
-    assert "--encoder-dropout VALUE on the prompt encoder's input, and between its LSTM layers [p_tuning]" in text
+    assert ("--encoder-dropout VALUE dropout on the prompt encoder's input, between its LSTM layers and between its "
+            "MLP layers (after each ReLU); training only [p_tuning]") in text
     assert "--prefix-dropout VALUE on the prefix keys/values" in text and "[p_tuning_v2, prefix_tuning]" in text
     assert "[lora, adalora, qlora]" in text
     with pytest.raises(SystemExit):

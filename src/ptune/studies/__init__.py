@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from . import recommend  # noqa: F401  (ptune.studies.recommend.choose_peft_method after import ptune)
 from .plan import ABLATIONS, Study, ablate_plan, compare_plan, parse_seeds, sweep_plan, write_or_check_plan
 from .report import write_report
 from .runner import run_study
