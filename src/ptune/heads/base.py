@@ -186,3 +186,16 @@ class LMScores(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def record_rows_mask(batch: dict, rows: int, head: str, what: str, collate_as: str) -> torch.Tensor:
+    """The (records, most rows) mask of a head whose record is several model rows (choices, windows),
+    checked against the ``rows`` the body ran: an ensemble's replicated rows cannot be regrouped."""
+    mask = batch.get("choice_mask")
+    if mask is None:
+        raise ConfigError(f"a {head} head scores batches of {what}: collate {collate_as} "
+                          "(ptune.batching.collate builds choice_mask from them)")
+    if int(mask.sum()) != rows:
+        raise ConfigError(f"a {head} batch has {int(mask.sum())} {what} but the body ran {rows} rows; prompt "
+                          f"ensembles cannot score {head}, train without --ensemble")
+    return mask

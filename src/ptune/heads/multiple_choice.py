@@ -33,7 +33,7 @@ from ..batching import ChoiceRows
 from ..errors import ConfigError, DataError
 from ..metrics import accuracy
 from ..templates import Template, TemplateEncoder
-from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, check_text_fields, cross_entropy
+from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, check_text_fields, cross_entropy, record_rows_mask
 from .classification import ClassificationModule
 
 CHOICES = "choices"  # the record field holding the choices
@@ -49,14 +49,7 @@ class MultipleChoiceModule(ClassificationModule):
     def forward(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """hidden (N, T, d) for the N real choices of the batch -> (records, most choices), -inf where a
         record has no such choice."""
-        mask = batch.get("choice_mask")
-        if mask is None:
-            raise ConfigError("a multiple_choice head scores batches of choices: collate ChoiceRows "
-                              "(ptune.batching.collate builds choice_mask from them)")
-        if int(mask.sum()) != hidden.shape[0]:
-            raise ConfigError(f"a multiple_choice batch has {int(mask.sum())} choices but the body ran "
-                              f"{hidden.shape[0]} rows; prompt ensembles cannot score multiple choice, train "
-                              "without --ensemble")
+        mask = record_rows_mask(batch, hidden.shape[0], "multiple_choice", "choices", "ChoiceRows")
         scores = super().forward(hidden, batch).squeeze(-1)  # (N,)
         out = scores.new_full(mask.shape, float("-inf"))
         out[mask.to(scores.device)] = scores  # row-major: record by record, choice by choice

@@ -42,7 +42,7 @@ from ..batching import WindowRows
 from ..errors import ConfigError, DataError
 from ..metrics import squad_scores
 from ..templates import Encoded
-from .base import Example, HeadBase, HeadConfig, MetricSpec, check_text_fields
+from .base import Example, HeadBase, HeadConfig, MetricSpec, check_text_fields, record_rows_mask
 
 NULL = 0  # the position whose start and end logits score "no answer"
 START, END = 1, 2  # target codes in a window's labels: 0 a candidate position, -100 none, START | END the answer's ends
@@ -65,13 +65,7 @@ class SpanQAModule(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """hidden (N, T, d) for the N windows of the batch -> (records, most windows, T, 2)."""
-        mask = batch.get("choice_mask")
-        if mask is None:
-            raise ConfigError("a span_qa head scores batches of context windows: collate the records' WindowRows "
-                              "(ptune.batching.collate builds choice_mask from them)")
-        if int(mask.sum()) != hidden.shape[0]:
-            raise ConfigError(f"a span_qa batch has {int(mask.sum())} windows but the body ran {hidden.shape[0]} rows; "
-                              "prompt ensembles cannot answer span QA, train without --ensemble")
+        mask = record_rows_mask(batch, hidden.shape[0], "span_qa", "context windows", "the records' WindowRows")
         logits = self.qa_outputs(self.dropout(hidden))
         out = logits.new_full((*mask.shape, *logits.shape[1:]), float("-inf"))
         out[mask.to(logits.device)] = logits  # row-major: record by record, window by window
