@@ -19,17 +19,9 @@ from pathlib import Path
 import torch
 
 import ptune
-from ptune.engine.loop import bf16_available
+from ptune.engine.loop import bf16_available, cpu_flags
 
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((x for x in f if x.startswith("flags")), "").split())
-    except OSError:
-        return set()
 
 
 def main() -> None:

@@ -84,12 +84,16 @@ def bf16_available() -> bool:
     measured 2.5x slower than fp32 on an AVX512 CPU without AVX512-BF16 (see BENCHMARKS.md)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return set()
 
 
 def peak_rss_mb() -> float:

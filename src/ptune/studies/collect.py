@@ -31,6 +31,7 @@ class RunResult:
     curve: list[tuple[float, float]] = field(default_factory=list)  # (step, validation metric)
     steps_per_epoch: int = 0
     load: tuple[float, float] | None = None  # the machine's 1-minute load average before and after the run
+    cpu: str = ""  # the CPU model the run trained on
 
 
 @dataclass
@@ -87,17 +88,17 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunResult | None:
     examples = full_epochs * n_train + (summary["steps"] - full_epochs * steps_per_epoch) * per_step
     test = (summary.get("test") or {}).get(metric)
     host = run_dir.parent / f"seed-{seed}.host.json"
-    load = None
+    load, cpu = None, ""
     if host.is_file():
         h = json.loads(host.read_text())
-        load = (h["load_before"], h["load_after"])
+        load, cpu = (h["load_before"], h["load_after"]), h.get("cpu", "")
     return RunResult(
         variant=variant, seed=seed, run_dir=str(run_dir), metric=metric, validation=float(best),
         test=None if test is None else float(test), trainable=summary["trainable_parameters"],
         total=summary["total_parameters"], adapter_bytes=size, train_seconds=train_s, eval_seconds=eval_s,
         samples_per_second=examples / max(train_s - eval_s, 1e-9), peak_rss_mb=summary["peak_rss_mb"],
         epochs_to_95=(reached[0] / steps_per_epoch) if reached else None, curve=curve,
-        steps_per_epoch=steps_per_epoch, load=load)
+        steps_per_epoch=steps_per_epoch, load=load, cpu=cpu)
 
 
 def collect(study: Study, output_dir: Path) -> tuple[list[Row], list[RunResult]]:

@@ -101,9 +101,8 @@ def _notes(study: Study, data: dict[str, Any]) -> list[str]:
              "score reached 95% of that run's best."]
     loads = [v for r in data["runs"] if r.get("load") for v in r["load"]]
     if loads:
-        from .runner import cpu_model
-
-        notes.append(f"Machine: {cpu_model() or 'CPU'}, {os.cpu_count()} CPUs; load (1-minute load average at the start "
+        cpus = sorted({r["cpu"] for r in data["runs"] if r.get("cpu")})
+        notes.append(f"Machine: {', '.join(cpus) or 'CPU'}, {os.cpu_count()} CPUs; load (1-minute load average at the start "
                      f"and end of each run): "
                      f"{min(loads):.1f} to {max(loads):.1f}; times and samples/s compare fairly only under similar load.")
     if study.kind == "ablate":
