@@ -70,6 +70,7 @@ class _Member:
     bf16: bool = False  # its run trained (and Run scores it) under bf16 autocast
     prompts: torch.Tensor | None = None  # (num_tasks, N, d) input prompts, computed once
     prefix: torch.Tensor | None = None  # (L, 2, Hkv, P, D) deep prompts, computed once
+    prefix_layers: torch.Tensor | None = None  # (L,) bool: the layers holding a prefix (a layer range); None: all
     branches: dict[str, LowRankLayer] = field(default_factory=dict)  # layer name -> low-rank branch
     bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> trained - base bias
 
@@ -293,11 +294,13 @@ class AdapterSet:
             if isinstance(adapter, InputPrompts):
                 member.prompts = adapter.prompts().detach().to(self.device)
             extra = adapter.attention_kwargs(1, None)
-            if set(extra) - {"ptune_prefix"}:
+            if set(extra) - {"ptune_prefix", "ptune_prefix_layers"}:
                 raise ConfigError(f"{where}: {spec.method} passes {sorted(extra)} to the attention layers; a set "
-                                  "can route only ptune_prefix per row")
+                                  "can route only ptune_prefix (and its layer range) per row")
             if "ptune_prefix" in extra:
                 member.prefix = extra["ptune_prefix"][0].detach().to(self.device)  # (L, 2, Hkv, P, D)
+            if "ptune_prefix_layers" in extra:
+                member.prefix_layers = extra["ptune_prefix_layers"][0].to(self.device)  # (L,) bool
         return member
 
     def _task(self, spec: Any, run_dir: Path | None, where: str) -> Any:
@@ -595,9 +598,13 @@ class AdapterSet:
         if not parts:
             return {}
         longest = max(p.shape[-2] for _, p in parts)
+        ranged = [(index[name], m.prefix_layers) for name, m in members.items() if m.prefix_layers is not None]
         if len(parts) == 1 and parts[0][0] is None:  # one adapter for the whole batch
             prefix = parts[0][1]
-            return {"ptune_prefix": prefix.unsqueeze(0).expand(B, *prefix.shape)}
+            extra = {"ptune_prefix": prefix.unsqueeze(0).expand(B, *prefix.shape)}
+            if ranged:
+                extra["ptune_prefix_layers"] = ranged[0][1].unsqueeze(0).expand(B, -1)
+            return extra
         L, two, H, _, D = parts[0][1].shape
         prefix = parts[0][1].new_zeros(B, L, two, H, longest, D)
         keep = torch.zeros(B, longest, dtype=torch.bool, device=prefix.device)
@@ -608,6 +615,11 @@ class AdapterSet:
         extra = {"ptune_prefix": prefix}
         if not bool(keep.all()):
             extra["ptune_prefix_mask"] = keep
+        if ranged:  # rows of a layer-ranged adapter see no prefix outside its layers
+            on = torch.ones(B, L, dtype=torch.bool, device=prefix.device)
+            for rows, layers in ranged:
+                on[rows] = layers
+            extra["ptune_prefix_layers"] = on
         return extra
 
     @contextmanager

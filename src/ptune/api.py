@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .encoder_decoder import check_base_kind, is_encoder_decoder
 from .errors import AdapterMismatchError, ConfigError, PtuneError
 from .heads import HeadConfig, head_kind
 from .methods import method_entry
@@ -91,7 +92,12 @@ def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, templ
     if ensemble > 1 and getattr(config, "num_tasks", 1) != ensemble:
         raise ConfigError(f"an ensemble of {ensemble} needs a method config with num_tasks={ensemble} "
                           f"(got {getattr(config, 'num_tasks', None)})")
-    base_spec = base_spec_of(base, head_kind(head.kind).base_kind(arch_facts(base).is_encoder))
+    kind = head_kind(head.kind).base_kind(arch_facts(base).is_encoder)
+    check_base_kind(base.config, kind, type(base).__name__, head.kind)  # T5 answers through the seq2seq head only
+    if is_encoder_decoder(base.config) and getattr(config, "layers", None) is not None:
+        raise ConfigError(f"layers={config.layers!r} counts the layers of one stack; an encoder-decoder model has two, "
+                          f"so {config.method} acts in all of them (leave layers unset)")
+    base_spec = base_spec_of(base, kind)
     spec = resolve_spec(base_spec, config, head=head, template=template, tokenizer=tokenizer, labels=labels,
                         label_words=label_words, task=task, max_length=max_length, ensemble=ensemble)
     adapter = attach_adapter(base, spec, tokenizer)

@@ -31,6 +31,15 @@ class WindowRows(ChoiceRows):
     choices; the windows' token labels are training targets (answer start / end) and stay ``labels``."""
 
 
+@dataclass
+class TargetRow(Encoded):
+    """An encoder-decoder record: the encoder's input as any row, and the decoder's ``target`` ids (the seq2seq
+    head's labels, ending in the end-of-sequence token; None when unlabelled). ``collate`` pads the targets on
+    their own, to the batch's longest target, as ``labels`` (B, Tdec) with -100."""
+
+    target: list[int] | None = None
+
+
 def collate(rows: Sequence[Encoded], *, pad_id: int, targets: Sequence[int] | None = None,
             task_ids: Sequence[int] | None = None, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad rows into a batch. ``targets``: one class id per row (classification / verbalizer).
@@ -50,6 +59,15 @@ def collate(rows: Sequence[Encoded], *, pad_id: int, targets: Sequence[int] | No
             batch["choice_tokens"] = batch.pop("labels")
         if targets is not None:
             batch["labels"] = torch.tensor(list(targets), dtype=torch.long)
+        return batch
+    if rows and isinstance(rows[0], TargetRow):
+        batch = collate([Encoded(r.input_ids, r.virtual_index) for r in rows], pad_id=pad_id, task_ids=task_ids,
+                        left=left)
+        if rows[0].target is not None:
+            labels = torch.full((len(rows), max(len(r.target) for r in rows)), -100, dtype=torch.long)
+            for i, r in enumerate(rows):
+                labels[i, :len(r.target)] = torch.tensor(r.target)
+            batch["labels"] = labels
         return batch
     T = max(len(r.input_ids) for r in rows)
     B = len(rows)

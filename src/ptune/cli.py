@@ -208,6 +208,8 @@ def _print_result(result: dict, as_json: bool, prefix: str = "") -> None:
         print(f"{prefix}error: {result['error']}")
     elif "tags" in result:
         print(prefix + " ".join(f"{t}/{g}" for t, g in zip(result["tokens"], result["tags"])))
+    elif "generated" in result:  # seq2seq: the text the model wrote
+        print(prefix + result["generated"])
     elif "answer" in result:  # span QA: the answer ("" = no answer) and its score
         print(f"{prefix}{result['answer'] or '(no answer)'}\t{result['score']:.3f}")
     else:
@@ -302,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--vote", choices=("mean", "majority"), default="mean",
                     help="a prompt ensemble's answer: mean probability (default) or the members' majority label")
     pr.set_defaults(func=_predict)
-    g = sub.add_parser("generate", help="continue prompts with a finished causal-LM run")
+    g = sub.add_parser("generate", help="continue prompts with a finished causal-LM run (or answer them: seq2seq)")
     g.add_argument("run", help="run directory")
     g.add_argument("prompt", nargs="+", help="prompts to continue; each fills the run's template (its first field)")
     g.add_argument("--max-new-tokens", type=int, default=32)

@@ -8,13 +8,14 @@ Methods that change weights (LoRA, BitFit) do so inside the base and make both h
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from .encoder_decoder import decoder_inputs, encoder_decoder_hidden, is_encoder_decoder
 from .heads import HeadConfig
 from .methods.base import Adapter
 from .models import backbone_of
@@ -43,6 +44,7 @@ class PtuneModel(nn.Module):
         self.prompt_index = prompt_index  # the prompt table rows use when no task_ids are given (multi-task views)
         self.member: int | None = None  # a prompt ensemble scored through one member only (see forward)
         self.base_dropout = adapter.trains_base  # see train()
+        self.frozen: Any = None  # a ptune.frozen.FrozenWork: skips work the frozen base need not redo (set by the engine)
         self._adapter_enabled = True
 
     # the spec's facts under the names the rest of the code reads
@@ -102,15 +104,25 @@ class PtuneModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The transformer body's last hidden states (B, T, d) with the adapter in place."""
+                      position_ids: torch.Tensor | None = None, reads: torch.Tensor | None = None,
+                      decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer body's last hidden states (B, T, d) with the adapter in place.
+
+        ``reads`` (B,): the one position per row the caller will read; with ``self.frozen`` set
+        (:class:`ptune.frozen.FrozenWork`) the last layer may then be computed there only (zeros elsewhere).
+        ``decoder_input_ids`` (B, Tdec): an encoder-decoder's decoder inputs; its states are the decoder's.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
         embeds = self.embed(input_ids, virtual_index, task_ids)
         extra = self._attention_kwargs(input_ids.shape[0], task_ids)
-        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, **extra)
+        if is_encoder_decoder(self.base.config):  # T5: encoder, then decoder (see ptune.encoder_decoder)
+            return encoder_decoder_hidden(self.base, embeds, attention_mask, extra, decoder_input_ids)
+        skip = self.frozen.around(input_ids, attention_mask, position_ids, reads) if self.frozen else nullcontext()
+        with skip:
+            out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False, **extra)
         return out.last_hidden_state
 
     def table_ids(self, batch_size: int, task_ids: torch.Tensor | None, device: Any) -> torch.Tensor | None:
@@ -124,12 +136,14 @@ class PtuneModel(nn.Module):
                 virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, label_position: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None,
-                choice_tokens: torch.Tensor | None = None, **_: Any) -> Output:
+                choice_tokens: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                **_: Any) -> Output:
         """Scores (and the loss when ``labels`` are given).
 
         ``choice_mask`` (records, choices): a multiple-choice batch, whose rows are the records' choices
         flattened (see :func:`ptune.batching.collate`); its head scores one row per record.
         ``choice_tokens``: the choices' own tokens where an LM scores them (-100 elsewhere).
+        An encoder-decoder base (T5) decodes ``decoder_input_ids``, by default ``labels`` shifted right.
 
         A prompt ensemble of K members (``spec.ensemble``) repeats every row K times in the batch, one
         copy per prompt table (Lester et al.: one forward pass, not K runs); the loss is the members'
@@ -145,12 +159,16 @@ class PtuneModel(nn.Module):
                 rep, (input_ids, attention_mask, virtual_index, label_position, position_ids, labels))
             task_ids = torch.arange(K, device=input_ids.device).repeat(B)
         task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
-        hidden = self.hidden_states(input_ids, attention_mask, virtual_index, task_ids, position_ids)
         head_batch = {"attention_mask": attention_mask, "label_position": label_position}
         if choice_mask is not None:
             head_batch["choice_mask"] = choice_mask
         if choice_tokens is not None:
             head_batch["choice_tokens"] = choice_tokens
+        if labels is not None and self.frozen and self.frozen.targets_only:
+            head_batch["labels"] = labels  # the head may score the labelled positions only (ptune.frozen)
+        reads = self.head.read_positions(head_batch) if self.frozen and hasattr(self.head, "read_positions") else None
+        decoder = decoder_inputs(self.base, labels, decoder_input_ids)  # {} unless an encoder-decoder base
+        hidden = self.hidden_states(input_ids, attention_mask, virtual_index, task_ids, position_ids, reads, **decoder)
         logits = self.head(hidden, head_batch)
         loss = self.head.loss(logits, labels) if labels is not None else None
         if not repeated:
@@ -183,14 +201,20 @@ class PtuneModel(nn.Module):
             def add_extra(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 x = kwargs.get("input_ids")
                 if x is None:
-                    x = kwargs["inputs_embeds"]
+                    x = kwargs.get("inputs_embeds")
+                if x is None:  # an encoder-decoder's decoding step
+                    x = kwargs["decoder_input_ids"]
                 rows = x.shape[0]
                 return args, {**kwargs, **{k: v.repeat_interleave(rows // v.shape[0], dim=0)
                                            for k, v in extra.items()}}
 
             handles.append(self.base.register_forward_pre_hook(add_extra, with_kwargs=True))
+            if is_encoder_decoder(self.base.config):  # generate() runs the encoder outside forward()
+                handles.append(self.base.get_encoder().register_forward_pre_hook(add_extra, with_kwargs=True))
         try:
-            return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+            out = self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+            # an encoder-decoder returns the decoder's sequences, which open with the decoder start token
+            return out[:, 1:] if is_encoder_decoder(self.base.config) else out
         finally:
             for handle in handles:
                 handle.remove()

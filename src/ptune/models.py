@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, PtuneError
 
 # bidirectional (masked-LM) architectures: [CLS] pooling, [MASK] label slot. Whether deep prompts work
 # is a separate question (AttentionInterface support, see methods/prefix_tuning.py)
@@ -69,15 +69,19 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
 def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = None,
               quantize: str | None = None, trust_remote_code: bool = False,
               allow_pickle: bool = False) -> nn.Module:
-    """Load a base model. ``kind``: ``backbone`` (hidden states), ``masked_lm`` or ``causal_lm``.
+    """Load a base model. ``kind``: ``backbone`` (hidden states), ``masked_lm``, ``causal_lm`` or
+    ``seq2seq_lm`` (an encoder-decoder such as T5, which loads as nothing else; see ptune.encoder_decoder).
 
     Pickle-based weight files (``.bin``, ``.pt``) are refused unless ``allow_pickle``; even then
     transformers reads them with ``torch.load(weights_only=True)``. Remote code stays off unless
     ``trust_remote_code``.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    classes = {"backbone": AutoModel, "masked_lm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM}
+    from .encoder_decoder import check_base_kind
+
+    classes = {"backbone": AutoModel, "masked_lm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM,
+               "seq2seq_lm": AutoModelForSeq2SeqLM}
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     path = resolve_model_path(name)
@@ -90,7 +94,10 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
 
         kwargs["quantization_config"] = bnb_config(quantize)
     try:
+        check_base_kind(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), kind, name)
         model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
+    except PtuneError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, path, e) from e
     missing = sorted(info.get("missing_keys") or ())

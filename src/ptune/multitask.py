@@ -29,7 +29,7 @@ from .models import arch_facts
 from .spec import MultiTaskSpec, RunSpec
 
 # which transformers class serves several heads at once: an LM class holds the bare backbone too
-BASE_KIND_ORDER = ("backbone", "masked_lm", "causal_lm")
+BASE_KIND_ORDER = ("backbone", "masked_lm", "causal_lm", "seq2seq_lm")  # seq2seq_lm: never mixed (T5 takes no other head)
 
 
 @dataclass(frozen=True)

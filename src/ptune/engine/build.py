@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from ..api import apply
 from ..data import Task, load_builtin, load_records
 from ..data.loaders import load_dataset_split
 from ..data.builtin import BUILTIN_TASKS
 from ..errors import ConfigError, DataError
+from ..frozen import FrozenWork
 from ..heads import HEAD_KINDS, Example, HeadConfig, HeadKind, head_kind
 from ..model import PtuneModel
 from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
@@ -121,6 +124,9 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
                       max_length=cfg.max_length or t.max_length, ensemble=cfg.ensemble)
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    skip = FrozenWork(model, cache=cfg.cache_frozen_layers and cfg.cache_limit > 0, cache_limit_mb=cfg.cache_limit,
+                      cache_dtype=getattr(torch, cfg.cache_dtype), prune_last=cfg.prune_last_layer)
+    model.frozen = skip if skip.describe() else None
     return model
 
 

@@ -108,6 +108,14 @@ class TrainConfig:
     """auto: bf16 autocast where the hardware has it"""
     gradient_checkpointing: bool = False
     """recompute the base's activations in the backward pass (less memory, more time)"""
+    prune_last_layer: bool = True
+    """compute the last layer only at the position the head reads (CLS-pooled classifiers, multiple choice, verbalizers; BERT-family encoders): same logits, less work"""
+    cache_frozen_layers: bool = True
+    """with a method confined to upper layers (--layers top:K): compute the frozen layers below once per example and reuse them in later epochs and evaluations (same results)"""
+    cache_limit: float = 2048.0
+    """megabytes of memory the frozen-layer cache may hold; rows beyond it are recomputed each time"""
+    cache_dtype: str = "float32"
+    """float32 | bfloat16: how the frozen-layer cache stores hidden states (bfloat16: half the memory, rounded values)"""
     quantize: str | None = None
     """nf4 | int8 (bitsandbytes)"""
     trust_remote_code: bool = False
@@ -178,6 +186,8 @@ class TrainConfig:
             (self.task_temperature > 0, "task_temperature", self.task_temperature, "a positive number"),
             (self.init_from is not None or self.init_task is None, "init_task", self.init_task,
              "used with init_from only"),
+            (self.cache_limit >= 0, "cache_limit", self.cache_limit, "0 (no cache) or a number of megabytes"),
+            (self.cache_dtype in ("float32", "bfloat16"), "cache_dtype", self.cache_dtype, "float32 or bfloat16"),
         ]
         for ok, name, value, want in checks:
             if not ok:

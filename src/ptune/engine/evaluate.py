@@ -9,6 +9,7 @@ import torch
 
 from ..batching import collate
 from ..data import Task
+from ..encoder_decoder import decoder_inputs
 from ..heads import head_kind
 from ..model import PtuneModel
 from .build import Example
@@ -69,7 +70,9 @@ def predict_logits(model: PtuneModel, examples: list[Example], *, batch_size: in
         batch = make_batch(examples, idx, pad_id, device)
         labels = batch.pop("labels", None)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            res = model(**batch)
+            # a head that can score the labelled positions only gets the labels (ptune.frozen, causal LM)
+            scored = {"labels": labels} if labels is not None and model.frozen and model.frozen.targets_only else {}
+            res = model(**batch, **scored, **decoder_inputs(model.base, labels, None))  # an encoder-decoder reads the target
         lengths = [len(examples[i].encoded.input_ids) for i in idx]
         for i, row in zip(idx, kind.rows(res.logits, labels, lengths)):
             out[i] = row

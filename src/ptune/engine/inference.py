@@ -183,6 +183,8 @@ class Run:
         records = [t if isinstance(t, dict) else self.kind.record_from_text(task, t) for t in texts]
         for i, r in enumerate(records):
             task.validate_record(r, f"input {i + 1}", allow_unlabeled=True)
+        if self.kind.generates:  # a seq2seq run answers by writing its target (greedy)
+            return [self.kind.result(task, rec, text, None) for rec, text in zip(records, self._generate(records, max_new_tokens=self.encoder.max_length))]
         examples = encode_records(task, self.encoder, records, labelled=False, kind=self.kind)
         members = self._members()
         if members is None and vote == "majority":
@@ -207,11 +209,15 @@ class Run:
     def generate(self, prompts: list[str], *, max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
         """Continue each prompt with the adapter active (greedy unless ``do_sample=True`` etc.)."""
         self._one_task()
-        if self.model.spec.base.kind != "causal_lm":
-            raise PtuneError(f"generate needs a run on a causal LM with its LM head (a verbalizer or causal_lm head); "
-                             f"this run's base is a {self.model.spec.base.kind.replace('_', ' ')}")
+        if self.model.spec.base.kind not in ("causal_lm", "seq2seq_lm"):
+            raise PtuneError(f"generate needs a run on a causal LM with its LM head (a verbalizer or causal_lm head) "
+                             f"or on an encoder-decoder (seq2seq head); this run's base is a "
+                             f"{self.model.spec.base.kind.replace('_', ' ')}")
         field = self.task.text_fields[0]
-        rows = [self.encoder.encode({field: p}) for p in prompts]
+        return self._generate([{field: p} for p in prompts], max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def _generate(self, records: list[dict], *, max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
+        rows = [self.encoder.encode(r) for r in records]
         batch = collate(rows, pad_id=self.encoder.placeholder_id, left=True)
         tok = self.tokenizer
         out = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["virtual_index"],

@@ -202,6 +202,8 @@ class Trainer:
                                   else f"template {p.model.template.source!r}" for p in self.parts)
             print(f"ptune: {self.model.describe()}; {templates}; {len(self.train_ex)} train / "
                   f"{sum(len(p.val) for p in self.parts)} validation examples; precision {self.precision}", flush=True)
+            if self.model.frozen is not None:
+                print(f"ptune: skipped work: {self.model.frozen.describe()}", flush=True)
             if self.acc.num_processes > 1:
                 print(f"ptune: {self.acc.num_processes} processes ({self.acc.distributed_type.value}), each takes an "
                       "equal slice of every batch", flush=True)
@@ -509,6 +511,8 @@ class Trainer:
                                               "test": len(self.test_examples(p))} for p in self.parts}
         if cfg.ensemble > 1:
             summary["ensemble"] = cfg.ensemble
+        if self.inner.frozen is not None:
+            summary["frozen_work"] = self.inner.frozen.summary()
         if getattr(self, "out_of_time", False):
             summary["stopped"] = f"time budget (--max-minutes {cfg.max_minutes})"
         if self.is_main:

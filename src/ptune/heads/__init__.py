@@ -7,6 +7,7 @@
 - ``multiple_choice``: a new linear layer scores each (question, choice) row; softmax over a record's choices.
 - ``multiple_choice_lm``: a causal LM's own log-probability of each choice's tokens scores it (no new weights).
 - ``span_qa``: a new linear layer gives start / end logits on every position; answers are spans of the context.
+- ``seq2seq``: text to text on an encoder-decoder base (T5): the decoder writes the target; loss on its tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .base import Example, HeadBase, HeadConfig, HeadKind, MetricSpec, lm_head_o
 from .causal_lm import CausalLMHead
 from .classification import ClassificationHead
 from .multiple_choice import MultipleChoiceHead, MultipleChoiceLMHead
+from .seq2seq import Seq2SeqHead
 from .span_qa import SpanQAHead
 from .tagging import TaggingHead
 from .verbalizer import VerbalizerHead, collision_message, first_token_collisions, label_word_ids
@@ -28,6 +30,7 @@ HEAD_KINDS: dict[str, HeadKind] = {
     "multiple_choice": MultipleChoiceHead(),
     "multiple_choice_lm": MultipleChoiceLMHead(),
     "span_qa": SpanQAHead(),
+    "seq2seq": Seq2SeqHead(),
 }
 
 

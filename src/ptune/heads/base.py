@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..templates import Template, TemplateEncoder
 
 POOLINGS = ("auto", "cls", "pooler", "mean", "last")
-BASE_KINDS = ("backbone", "masked_lm", "causal_lm")
+BASE_KINDS = ("backbone", "masked_lm", "causal_lm", "seq2seq_lm")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class HeadBase:
     label_form = "class"
     metrics: tuple[MetricSpec, ...] = ()
     new_weights = True  # False: the base's own LM head answers, so the head works with nothing trained
+    generates = False  # True: new inputs are answered by generate() (Run.predict), not by scoring (seq2seq)
 
     def check_config(self, config: HeadConfig) -> None:
         if config.num_labels < 1:

@@ -19,16 +19,27 @@ from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, check_tex
 
 
 class CausalLMModule(nn.Module):
+    packs_targets = True  # see forward: ptune.frozen's "LM head at the scored tokens only"
+
     def __init__(self, config: HeadConfig, base: nn.Module) -> None:
         super().__init__()
         self.config = config
         self.scores = LMScores(base)
 
     def forward(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.scores(hidden)  # (B, T, V)
+        """(B, T, V) logits; or, when the batch carries ``labels`` (the engine's training and scoring
+        passes, see :mod:`ptune.frozen`), (N, V) logits of only the N positions whose next token is
+        scored, row by row: the vocabulary projection (Gemma: 262k words) skips prompt and padding."""
+        labels = batch.get("labels")
+        if labels is None:
+            return self.scores(hidden)
+        return self.scores(hidden[:, :-1][labels[:, 1:] != -100])
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits[:, :-1], labels[:, 1:])  # predict token t+1 from position t
+        target = labels[:, 1:]  # predict token t+1 from position t
+        if logits.dim() == 2:  # packed: the scored positions only
+            return cross_entropy(logits, target[target != -100])
+        return cross_entropy(logits[:, :-1], target)
 
 
 class CausalLMHead(HeadBase):
@@ -65,15 +76,19 @@ class CausalLMHead(HeadBase):
     def rows(self, logits: torch.Tensor, labels: torch.Tensor | None, lengths: Sequence[int]) -> list[Any]:
         """Per row: (summed target-token loss, target-token count); the (T, V) logits are not kept."""
         out = []
-        for j in range(logits.shape[0]):
+        packed = logits.dim() == 2  # (N, V): the scored positions of every row, row by row (see forward)
+        start = 0
+        for j in range(labels.shape[0] if packed else logits.shape[0]):
             loss, count = 0.0, 0
             if labels is not None:
                 lab = labels[j, 1:]
                 keep = lab != -100
                 if keep.any():
-                    lp = torch.log_softmax(logits[j, :-1][keep].float(), -1)
-                    loss = float(-lp.gather(1, lab[keep][:, None]).sum())
                     count = int(keep.sum())
+                    rows = logits[start:start + count] if packed else logits[j, :-1][keep]
+                    start += count
+                    lp = torch.log_softmax(rows.float(), -1)
+                    loss = float(-lp.gather(1, lab[keep][:, None]).sum())
             out.append((loss, count))
         return out
 

@@ -36,6 +36,15 @@ class ClassificationModule(nn.Module):
                 raise ConfigError(f"pooling='pooler' but {type(base).__name__} has no pooler; use cls or mean")
             self._pooler.append(pooler)
 
+    def read_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The one position per row that ``forward`` reads (None: several), for ``ptune.frozen``'s pruned last layer."""
+        mask = batch["attention_mask"]
+        if self.pooling in ("cls", "pooler"):
+            return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        if self.pooling == "last":
+            return mask.long().sum(1) - 1
+        return None
+
     def forward(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """hidden (B, T, d) -> (B, C)."""
         mask = batch["attention_mask"]

@@ -28,6 +28,10 @@ class VerbalizerModule(nn.Module):
         self.register_buffer("label_word_ids", torch.tensor(config.label_word_ids, dtype=torch.long),
                              persistent=False)
 
+    def read_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The label slot: the one position per row ``forward`` reads (see ``ptune.frozen``)."""
+        return batch["label_position"]
+
     def forward(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[rows, batch["label_position"]]  # (B, d): the label slot only

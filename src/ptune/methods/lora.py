@@ -29,13 +29,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import arch_facts
 from ..templates import Template
 from .base import IdentityHooks
+from .layers import check_layers, module_layers, resolve_layers
 
 # attention query / value projections per architecture (the LoRA paper's choice)
 DEFAULT_TARGETS = {"bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
                    "electra": ("query", "value"), "camembert": ("query", "value"),
-                   "distilbert": ("q_lin", "v_lin"), "gpt2": ("c_attn",)}
+                   "distilbert": ("q_lin", "v_lin"), "gpt2": ("c_attn",),
+                   "t5": ("q", "v"), "mt5": ("q", "v")}  # T5: in encoder self-, decoder self- and cross-attention
 # any other architecture (Llama, Qwen, Phi, Falcon, DeBERTa, ALBERT, ...): found from its own modules (targets.py)
 ALL_LINEAR = "all-linear"
 
@@ -76,8 +79,11 @@ class LoraConfig:
     """dropout on the LoRA branch's input (PEFT's lora_dropout)"""
     target_modules: tuple[str, ...] | None = None
     """suffixes, "re:<regex>" or "all-linear"; None: per architecture"""
+    layers: str | None = None
+    """transformer layers that get LoRA: 'top:6', '7-12' (1-based, inclusive), '1,3'; None = all. Layers below the lowest one run without a backward pass, and their outputs can be cached (ptune.frozen)"""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", check_layers(self.layers))
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
         if not self.alpha > 0:
@@ -271,6 +277,20 @@ def match_targets(base: nn.Module, targets: tuple[str, ...], method: str) -> lis
     return names
 
 
+def in_layers(base: nn.Module, names: list[str], layers: str | None, method: str) -> tuple[list[str], int]:
+    """``names`` kept to the modules inside the chosen layers, and the lowest layer they touch
+    (0 when some target sits outside every layer, e.g. a pooler, or when all layers are chosen)."""
+    if layers is None:
+        return names, 0
+    chosen = resolve_layers(layers, arch_facts(base).num_layers)
+    where = module_layers(base)
+    kept = [n for n in names if where.get(id(base.get_submodule(n))) in chosen]
+    if not kept:
+        raise ConfigError(f"{method}: none of the target modules lies in layers={layers!r}; pick other layers or "
+                          "target_modules")
+    return kept, min(where[id(base.get_submodule(n))] for n in kept)
+
+
 def check_rank(base: nn.Module, names: list[str], r: int, field: str) -> None:
     for name in names:
         in_f, out_f = layer_dims(name, base.get_submodule(name))
@@ -347,9 +367,12 @@ class LoraAdapter(WeightAdapter):
 
 def apply_lora(base: nn.Module, config: LoraConfig, **_: Any) -> LoraAdapter:
     names, note = resolve_targets(base, config.target_modules, config.method)
+    names, first = in_layers(base, names, config.layers, config.method)
     check_rank(base, names, config.r, "r")
     wrap_layers(base, names, lambda name, layer: LoraLinear(name, layer, config.r, config.alpha, config.lora_dropout))
-    return LoraAdapter(config, base, names, note)
+    adapter = LoraAdapter(config, base, names, note)
+    adapter.first_layer = first
+    return adapter
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

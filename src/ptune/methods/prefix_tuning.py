@@ -29,21 +29,33 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..models import arch_facts, backbone_of
 from ..templates import Template
 from .base import IdentityHooks
+from .layers import check_layers, resolve_layers
 from .targets import ATTENTION_CLASS
 from .prompt_tuning import NoPrompt, check_prompt_length
+from .prefix_seq2seq import PARTS, apply_encoder_decoder_prefix, check_parts
 
 ATTN_IMPL = "ptune_sdpa"
 
 
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, ptune_prefix: torch.Tensor | None = None,
-                     ptune_prefix_mask: torch.Tensor | None = None, **kwargs: Any):
+                     ptune_prefix_mask: torch.Tensor | None = None,
+                     ptune_prefix_layers: torch.Tensor | None = None, **kwargs: Any):
     """SDPA attention with this layer's prefix keys/values in front. query (B, H, Tq, D).
 
     ``ptune_prefix_mask`` (B, P) bool, optional: which prefix positions each row attends to, for a
     batch whose rows carry prefixes of different lengths padded to the longest (or none at all:
     an all-False row computes what the base computes); None: every prefix position is visible.
+    ``ptune_prefix_layers`` (B, L) bool, optional: which layers hold a prefix for each row (a ``layers``
+    range); a layer no row has a prefix in computes exactly what the base computes.
     """
+    if ptune_prefix is not None and ptune_prefix_layers is not None:
+        on = ptune_prefix_layers[:, module.layer_idx].to(query.device)
+        if not bool(on.any()):
+            ptune_prefix = None
+        elif not bool(on.all()):
+            on = on[:, None].expand(on.shape[0], ptune_prefix.shape[-2])
+            ptune_prefix_mask = on if ptune_prefix_mask is None else on & ptune_prefix_mask.to(on.device, torch.bool)
     if ptune_prefix is not None:
         pk = ptune_prefix[:, module.layer_idx, 0].to(key.dtype)  # (B, Hkv, P, D)
         pv = ptune_prefix[:, module.layer_idx, 1].to(value.dtype)
@@ -95,8 +107,14 @@ class PrefixTuningConfig:
     """prompts stored side by side, selected per row by task_ids"""
     seed: int = 0
     """seed of the prompt's initialisation"""
+    layers: str | None = None
+    """transformer layers that get deep prompts: 'top:6', '7-12' (1-based, inclusive), '1,3'; None = all. Layers below the lowest one run without a backward pass, and their outputs can be cached (ptune.frozen)"""
+    encoder_decoder_parts: tuple[str, ...] = PARTS
+    """encoder-decoder models (T5): the attention that gets prefixes, any of encoder (self-attention), decoder (self-attention), cross (decoder cross-attention)"""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", check_layers(self.layers))
+        object.__setattr__(self, "encoder_decoder_parts", check_parts(self.encoder_decoder_parts))
         check_prompt_length(self.num_virtual_tokens)
         if self.encoder_hidden_size < 1:
             raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size} must be >= 1")
@@ -154,13 +172,26 @@ class PrefixAdapter(IdentityHooks):
     def __init__(self, config: PrefixTuningConfig, facts: Any) -> None:
         super().__init__()
         self.config = config
-        self.encoder = PrefixEncoder(config, facts.num_layers, facts.num_key_value_heads, facts.head_dim,
+        self.num_layers = facts.num_layers
+        self.chosen = resolve_layers(config.layers, facts.num_layers)  # 0-based layers holding a prefix
+        self.first_layer = self.chosen[0]
+        self.encoder = PrefixEncoder(config, len(self.chosen), facts.num_key_value_heads, facts.head_dim,
                                      facts.hidden_size)
 
     def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict:
-        return {"ptune_prefix": self.encoder.prefixes(batch_size, task_ids)}
+        prefix = self.encoder.prefixes(batch_size, task_ids)  # (B, chosen layers, 2, Hkv, P, D)
+        if len(self.chosen) == self.num_layers:
+            return {"ptune_prefix": prefix}
+        index = torch.tensor(self.chosen, device=prefix.device)
+        full = prefix.new_zeros(batch_size, self.num_layers, *prefix.shape[2:]).index_copy(1, index, prefix)
+        on = torch.zeros(batch_size, self.num_layers, dtype=torch.bool, device=prefix.device)
+        on[:, index] = True
+        return {"ptune_prefix": full, "ptune_prefix_layers": on}
 
     def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+        if len(self.chosen) != self.num_layers:
+            raise ConfigError(f"PEFT's prefix tuning puts a prefix in every layer; this adapter has prefixes in "
+                              f"layers={self.config.layers!r} only, so it has no PEFT form (use it with ptune)")
         cfg = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.config.num_virtual_tokens,
                "prefix_projection": False, "encoder_hidden_size": self.config.encoder_hidden_size}
         with torch.no_grad():
@@ -200,6 +231,8 @@ def number_attention_layers(body: nn.Module, num_layers: int, method: str) -> No
 def apply_prefix_tuning(base: nn.Module, config: PrefixTuningConfig, **_: Any) -> IdentityHooks:
     if config.num_virtual_tokens == 0:
         return NoPrompt()  # no prefixes: the base's attention stays as it is
+    if getattr(base.config, "is_encoder_decoder", False):  # T5: three kinds of attention (methods/prefix_seq2seq.py)
+        return apply_encoder_decoder_prefix(base, config)
     check_attention_interface(base, config.method)
     base.set_attn_implementation(ATTN_IMPL)
     return PrefixAdapter(config, arch_facts(base))
