@@ -7,6 +7,8 @@ same logits and gradients as the plain path; the cache is never used where its i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import liven, tiny_base
@@ -309,3 +311,41 @@ def test_causal_lm_head_scores_only_the_target_tokens(arch, tokenizer):
     lengths = [len(r.input_ids) for r in rows]
     for a, b in zip(kind.rows(plain[0], batch["labels"], lengths), kind.rows(packed[0], batch["labels"], lengths)):
         assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_on_disk_gives_the_same_rows(dtype, tokenizer, tmp_path):
+    model, batch = build(ptune.PTuningV2Config(num_virtual_tokens=3, layers="top:2"), tokenizer)
+    model.frozen = FrozenWork(model, prune_last=False, cache_dtype=dtype)
+    logits_and_grads(model, batch)
+    in_memory = logits_and_grads(model, batch)
+    model.frozen = FrozenWork(model, prune_last=False, cache_dtype=dtype, cache_dir=str(tmp_path / "cache"),
+                              cache_limit_mb=1)
+    logits_and_grads(model, batch)
+    on_disk = logits_and_grads(model, batch)
+    assert model.frozen.stats["cached_batches"] == 1 and model.frozen.disk is not None
+    assert list((tmp_path / "cache").iterdir()) == []  # the file is the process's own: unlinked once mapped
+    assert_same(in_memory, on_disk, atol=0)
+
+
+def test_engine_run_with_a_layer_range_matches_with_and_without_the_levers(tiny_model_dir, toy_task, tmp_path):
+    """Three epochs of a top-layer P-Tuning v2 run: cached and pruned, or the plain path, the same numbers."""
+    from ptune.engine import TrainConfig, train
+
+    def run(name, **levers):
+        cfg = TrainConfig(model=tiny_model_dir, **toy_task, method="p_tuning_v2", epochs=3, batch_size=8, lr=3e-2,
+                          method_options={"num_virtual_tokens": 3, "layers": "top:1"}, head_dropout=0.0,
+                          output_dir=str(tmp_path / name), progress=False, log_every=1, **levers)
+        return train(cfg)
+
+    fast = run("fast")
+    plain = run("plain", cache_frozen_layers=False, prune_last_layer=False)
+    work = fast["frozen_work"]
+    assert work["cached_batches"] > work["computed_batches"] > 0 and work["pruned_passes"] > 0
+    assert "frozen_work" not in plain
+    assert fast["best_validation_accuracy"] == plain["best_validation_accuracy"]
+    assert fast["test"] == pytest.approx(plain["test"], abs=1e-6)
+    logs = [[json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("fast", "plain")]
+    losses = [[r["loss"] for r in log if "loss" in r and "split" not in r] for log in logs]
+    assert len(losses[0]) == 15 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(set(losses[0])) > 1

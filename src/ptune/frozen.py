@@ -13,7 +13,10 @@ changes the lower layers' input gives a different key; the cache belongs to one 
 base and the layer range cannot change under it. Used only where it is exact: right-padded rows, no
 explicit position ids, and the lower layers without dropout (a method that keeps the base's dropout on
 while training, like LoRA, uses the cache in evaluation only). Kept in memory up to ``cache_limit`` MB
-(rows beyond it are computed each time), in float32 or, with ``cache_dtype bfloat16``, half the memory.
+(rows beyond it are computed each time), in float32 or, with ``cache_dtype bfloat16``, half the memory;
+with ``cache_dir`` the rows live in a memory-mapped file there instead (bounded by the same limit), for
+data sets whose lower-layer outputs outgrow memory. The file belongs to the process (it is unlinked
+as soon as it is created), so no run ever reads another's rows.
 
 **Pruned last layer** (``prune_last_layer``). A CLS-pooled classifier, a multiple-choice scorer or a
 verbalizer reads one position per row. In the last layer only those positions' queries, attention
@@ -95,7 +98,8 @@ class FrozenWork:
     """The two levers for one model (see the module docstring). ``stats`` counts what they saved."""
 
     def __init__(self, model: nn.Module, *, cache: bool = True, cache_limit_mb: float = 2048,
-                 cache_dtype: torch.dtype = torch.float32, prune_last: bool = True) -> None:
+                 cache_dtype: torch.dtype = torch.float32, prune_last: bool = True,
+                 cache_dir: str | None = None) -> None:
         try:
             self.layers = layer_list(model.base)
         except Exception:  # noqa: BLE001 - a body whose layers cannot be found: neither lever applies
@@ -108,9 +112,12 @@ class FrozenWork:
         self.targets_only = bool(prune_last and getattr(model.head, "packs_targets", False))
         self.limit = int(cache_limit_mb * 2 ** 20)
         self.dtype = cache_dtype
-        self.store: dict[bytes, torch.Tensor] = {}
+        self.store: dict[bytes, Any] = {}  # key -> the row's (n, d) tensor, or its (offset, n) in the disk file
         self.bytes = 0
+        self.disk: torch.Tensor | None = None  # with cache_dir: one memory-mapped file of cache_limit bytes
+        self.cache_dir = cache_dir if self.first else None
         self.out_dtype: torch.dtype | None = None
+        self.width = 0
         self.stats = {"cached_batches": 0, "computed_batches": 0, "pruned_passes": 0}
 
     def describe(self) -> str | None:
@@ -171,7 +178,7 @@ class FrozenWork:
         if not isinstance(out, torch.Tensor):  # a layer returning a tuple: not cached
             self.first = 0
             return
-        self.out_dtype = out.dtype
+        self.out_dtype, self.width = out.dtype, out.shape[-1]
         h = out.detach()
         for key, row, n in zip(keys, h, attention_mask.long().sum(1).tolist()):
             if key in self.store:
@@ -179,12 +186,39 @@ class FrozenWork:
             size = n * row.shape[-1] * torch.finfo(self.dtype).bits // 8
             if self.bytes + size > self.limit:
                 return
-            self.store[key] = row[:n].to(self.dtype).clone()
+            if self.cache_dir is None:
+                self.store[key] = row[:n].to(self.dtype).clone()
+            else:
+                flat = self._disk()
+                start = self.bytes // (torch.finfo(self.dtype).bits // 8)
+                flat[start:start + n * row.shape[-1]] = row[:n].to(self.dtype).reshape(-1)
+                self.store[key] = (start, n)
             self.bytes += size
 
-    def _assemble(self, cached: list[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+    def _disk(self) -> torch.Tensor:
+        """The cache file: created (sparse) in ``cache_dir`` on first use, unlinked at once so it goes when
+        the process does; the OS pages rows in and out, the process holds none of them."""
+        if self.disk is None:
+            import os
+            import tempfile
+
+            os.makedirs(self.cache_dir, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="ptune-frozen-", suffix=".bin", dir=self.cache_dir)
+            os.close(fd)
+            count = self.limit // (torch.finfo(self.dtype).bits // 8)
+            self.disk = torch.from_file(path, shared=True, size=count, dtype=self.dtype)
+            os.unlink(path)
+        return self.disk
+
+    def _rows(self, cached: list[Any], d: int) -> list[torch.Tensor]:
+        if self.cache_dir is None:
+            return cached
+        return [self.disk[start:start + n * d].view(n, d) for start, n in cached]
+
+    def _assemble(self, cached: list[Any], attention_mask: torch.Tensor) -> torch.Tensor:
         B, T = attention_mask.shape
-        h = cached[0].new_zeros(B, T, cached[0].shape[-1], dtype=self.out_dtype)
-        for i, row in enumerate(cached):
+        d = self.width
+        h = torch.zeros(B, T, d, dtype=self.out_dtype, device=attention_mask.device)
+        for i, row in enumerate(self._rows(cached, d)):
             h[i, :row.shape[0]] = row
         return h

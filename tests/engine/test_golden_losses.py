@@ -29,8 +29,11 @@ RUNS = {
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_per_step_losses_match_the_recording(name, tiny_model_dir, toy_task, tmp_path):
+    # the pruned last layer (ptune.frozen, on by default) computes the same numbers through other matmul
+    # shapes, which round differently in the last bit; its own tests hold it to 1e-5 against the plain path
     cfg = TrainConfig(model=tiny_model_dir, epochs=3, batch_size=8, eval_every=3, progress=False, log_every=1,
-                      output_dir=str(tmp_path / name), precision="fp32", **toy_task, **RUNS[name])
+                      output_dir=str(tmp_path / name), precision="fp32", prune_last_layer=False, **toy_task,
+                      **RUNS[name])
     summary = train(cfg)
     rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r and r.get("split") is None]

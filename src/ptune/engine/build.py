@@ -101,6 +101,19 @@ def model_is_encoder(cfg: TrainConfig) -> bool:
         return True  # load_base reports the real problem
 
 
+def weight_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """float32 where the run computes in fp32 (``--precision fp32``, or ``auto`` on a CPU without bf16
+    arithmetic); else None, the checkpoint's own dtype. A checkpoint stored in bf16 (Gemma) would otherwise
+    compute in emulated bf16 there: matmuls measured about 2.5x slower than fp32 on such a CPU (bench/mfu.py),
+    and its fp32 heads would meet bf16 hidden states with no autocast to reconcile them. Quantized bases
+    keep their own compute dtype."""
+    from .loop import run_precision  # the loop imports this module
+
+    if cfg.quantize is not None or run_precision(cfg) == "bf16":
+        return None
+    return torch.float32
+
+
 def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
                 encoder_model: bool | None = None) -> PtuneModel:
     """The run's model: one task's, or a :class:`MultiTaskModel` when ``task`` lists several."""
@@ -109,7 +122,7 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
     encoder = model_is_encoder(cfg) if encoder_model is None else encoder_model
     if cfg.ensemble > 1:
         check_ensemble(cfg, heads[0])
-    base = load_base(cfg.model, base_kind_for(heads, encoder), quantize=cfg.quantize,
+    base = load_base(cfg.model, base_kind_for(heads, encoder), quantize=cfg.quantize, dtype=weight_dtype(cfg),
                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     if len(tasks) > 1:
         parts = [TaskPart(t, h, cfg.template or h.spec.task_template(t), cfg.max_length or t.max_length)
@@ -124,8 +137,14 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
                       max_length=cfg.max_length or t.max_length, ensemble=cfg.ensemble)
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return attach_frozen_work(model, cfg)
+
+
+def attach_frozen_work(model: PtuneModel, cfg: TrainConfig) -> PtuneModel:
+    """``model.frozen``: the work the run's options let the frozen base skip (see :mod:`ptune.frozen`)."""
     skip = FrozenWork(model, cache=cfg.cache_frozen_layers and cfg.cache_limit > 0, cache_limit_mb=cfg.cache_limit,
-                      cache_dtype=getattr(torch, cfg.cache_dtype), prune_last=cfg.prune_last_layer)
+                      cache_dtype=getattr(torch, cfg.cache_dtype), prune_last=cfg.prune_last_layer,
+                      cache_dir=cfg.cache_dir)
     model.frozen = skip if skip.describe() else None
     return model
 

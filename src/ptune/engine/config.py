@@ -93,7 +93,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     """examples per batch when scoring"""
     lr: float | None = None
-    """None: the method's default (prompts 1e-2..3e-2, LoRA 5e-4, full 3e-5)"""
+    """None: the method's default (prompts 1e-2..3e-2, prefix tuning 3e-3, LoRA 5e-4, full 3e-5)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     scheduler: str = "linear"
@@ -116,6 +116,8 @@ class TrainConfig:
     """megabytes of memory the frozen-layer cache may hold; rows beyond it are recomputed each time"""
     cache_dtype: str = "float32"
     """float32 | bfloat16: how the frozen-layer cache stores hidden states (bfloat16: half the memory, rounded values)"""
+    cache_dir: str | None = None
+    """keep the frozen-layer cache in a memory-mapped file in this folder (for data that outgrows memory) instead of in memory; still bounded by --cache-limit"""
     quantize: str | None = None
     """nf4 | int8 (bitsandbytes)"""
     trust_remote_code: bool = False

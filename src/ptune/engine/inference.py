@@ -20,7 +20,8 @@ from ..model import PtuneModel
 from ..models import load_tokenizer
 from ..multitask import MultiTaskModel
 from ..spec import MultiTaskSpec
-from .build import build_model, encode_records, load_task, load_tasks, make_encoder, model_is_encoder
+from .build import (attach_frozen_work, build_model, encode_records, load_task, load_tasks, make_encoder,
+                    model_is_encoder, weight_dtype)
 from .config import TrainConfig
 from .evaluate import decode_predictions, main_metric, predict_logits, score
 from .loop import bf16_autocast, run_precision
@@ -58,9 +59,12 @@ class Run:
         self.autocast = bf16_autocast if config is not None and run_precision(config) == "bf16" else None
         self._splits: dict[str, list[dict]] | None = None
         self.tasks: dict[str, Run] = {}  # a multi-task run: one Run per task, sharing the model
+        # the weights in the dtype the run computed in (fp32 on a CPU without bf16 arithmetic, see weight_dtype)
+        dtype = weight_dtype(self.config)
         if isinstance(spec, MultiTaskSpec):
             model = load_adapter(adapter_dir, tokenizer=self.tokenizer, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle)
+                                 allow_pickle=allow_pickle, dtype=dtype)
+            attach_frozen_work(model, self.config)
             self.tasks = {name: self._for_task(model, name) for name in spec.names}
             if task is not None:
                 spec.task(task)  # names the tasks when it is not one of them
@@ -79,8 +83,9 @@ class Run:
             raise PtuneError(f"{adapter_dir} records no task and has no run directory around it; "
                              "pass the run directory instead")
         # scores at the precision the run trained and reported its metrics at (bf16 autocast where it had it)
-        self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer,
+        self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer, dtype=dtype,
                                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        attach_frozen_work(self.model, self.config)
         self._ready()
 
     def _for_task(self, model: MultiTaskModel, name: str) -> "Run":

@@ -94,7 +94,7 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 class PrefixTuningConfig:
     method: ClassVar[str] = "prefix_tuning"
     renamed: ClassVar[dict[str, str]] = {"dropout": "prefix_dropout"}  # older option names (format-1 adapters)
-    default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
+    default_lr: ClassVar[float] = 3e-3  # when --lr is not given; 1e-2 from a N(0, 1) init collapsed (issue #15)
     num_virtual_tokens: int = 20
     """prefix length P per layer; 0 = no virtual tokens at all (the frozen base and the head alone: an ablation / sweep baseline)"""
     prefix_projection: bool = True
@@ -134,6 +134,7 @@ class PrefixTuningConfig:
 @dataclass(frozen=True)
 class PTuningV2Config(PrefixTuningConfig):
     method: ClassVar[str] = "p_tuning_v2"
+    default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
     prefix_projection: bool = False
 
 
@@ -149,7 +150,9 @@ class PrefixEncoder(nn.Module):
         gen = torch.Generator().manual_seed(config.seed)
         T, P = config.num_tasks, config.num_virtual_tokens
         if config.prefix_projection:
-            self.embedding = nn.Parameter(torch.randn(T, P, hidden_size, generator=gen))
+            # rows of norm ~1 (the scale of word embeddings), not N(0, 1): from N(0, 1) AdamW's steps on the
+            # MLP's wide output layer blew the prefixes up and training collapsed (issue #15)
+            self.embedding = nn.Parameter(torch.randn(T, P, hidden_size, generator=gen) / hidden_size ** 0.5)
             self.transform = nn.Sequential(nn.Linear(hidden_size, config.encoder_hidden_size), nn.Tanh(),
                                            nn.Linear(config.encoder_hidden_size, out))
         else:
