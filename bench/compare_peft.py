@@ -19,8 +19,8 @@ machine's load average is recorded before and after each run.
   same rows, equal or not) are recorded per run.
 - ``ptune``: ptune's own engine (``ptune.engine`` Trainer, exactly what ``ptune.engine.train`` runs),
   ``--precision auto`` unless ``--ptune-options precision=...``. ptune switches the frozen base's dropout off
-  for the prompt methods and keeps it ON for LoRA (the base's own layers train), so on the LoRA row the tuned
-  PEFT side has the base-dropout saving and ptune has not: a stricter comparison for ptune.
+  for the prompt methods and for LoRA (its base stays frozen; ``--base-dropout auto``); before issue #15 it
+  kept it on for LoRA, which is what the LoRA row of the first run of bench/speed.sh measured.
 
 Throughput counts training only (PEFT: the loop, timed; ptune: its training seconds minus its evaluation
 seconds). Validation accuracy is after the last step for PEFT and the best evaluation for ptune (the same
@@ -96,12 +96,19 @@ def split_ptune_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     return train, method
 
 
+INPUT_PROMPTS = ("prompt_tuning", "p_tuning")  # their virtual tokens are input positions
+
+
 def ptune_config(method: str, s: dict, output_dir: str):
     from ptune.engine import TrainConfig
 
     train_opts, method_opts = split_ptune_options(s["ptune_options"])
-    values = dict(model="minilm", task="bbc", method=method, method_options={**PTUNE_OPTIONS[method], **method_opts},
-                  epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
+    options = {**PTUNE_OPTIONS[method], **method_opts}
+    # ptune's max length counts the template's virtual tokens; PEFT prepends its prompt to max_length text
+    # tokens: give input-prompt methods the same text (128 + 20 positions on both sides)
+    extra = options["num_virtual_tokens"] if method in INPUT_PROMPTS else 0
+    values = dict(model="minilm", task="bbc", method=method, method_options=options,
+                  epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"] + extra,
                   seed=s["seed"], output_dir=output_dir, progress=False, log_every=1000,
                   limit_train=s["limit_train"], limit_eval=s["limit_eval"])
     return TrainConfig(**{**values, **train_opts})
@@ -329,13 +336,15 @@ def write(out_md: Path, facts: dict, settings: dict, args: argparse.Namespace, r
         describe(facts), "",
         f"MiniLM (all-MiniLM-L6-v2), bbc ({n} training articles, {args.limit_eval or 223} validation), max length "
         f"{args.max_length}, batch {args.batch_size}, {args.epochs} epoch(s), seed {args.seed}, lr {args.lr} (LoRA "
-        f"{LORA_LR}), 20 virtual tokens, LoRA r 8 on query/value. Each cell is its own subprocess; samples/s counts "
-        "training only; peak RSS is the whole process.", "",
+        f"{LORA_LR}), 20 virtual tokens, LoRA r 8 on query/value. Both sides see the same text: for prompt tuning and "
+        "P-Tuning, whose virtual tokens are input positions, ptune's max length is 128 + 20 (it counts them, PEFT "
+        "prepends them). Each cell is its own subprocess; samples/s counts training only; peak RSS is the whole "
+        "process.", "",
         "Sides: **PEFT (examples)** as PEFT's examples train (fp32, the base's dropout on); **PEFT tuned**: the frozen "
         "base's hidden and attention dropout off (classifier dropout 0.1 and LoRA's lora_dropout 0.0 kept), bf16 "
         "autocast only where the CPU computes bf16 itself"
         + (f" (here: {tuned['precision']})" if tuned else "") + "; **ptune**: `ptune.engine` with `--precision auto`, "
-        "base dropout off for prompt methods and on for LoRA.", "",
+        "base dropout off (prompt methods and LoRA; see each run's \"base dropout active\").", "",
     ]
     if settings["ptune_options"]:
         text += [f"ptune side's extra options: `{json.dumps(settings['ptune_options'])}`.", ""]

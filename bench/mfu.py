@@ -4,7 +4,7 @@ For each (model, method): ptune's own Trainer is built as ``ptune.engine.train``
 ``engine.build.build_model`` -> accelerate), and its real ``train_step`` (collation, forward, loss, backward,
 clipping, AdamW step) runs on full batches of the built-in bbc task: MiniLM (classification head) at
 batch 32 x 128 tokens, Gemma 3 270M at batch 8 x 128 through a verbalizer (its own LM head read at one
-position: a classification head fails on Gemma here, see MODELS); P-Tuning v2 (20 virtual tokens) and
+position); P-Tuning v2 (20 virtual tokens) and
 LoRA (r 8, alpha 16).
 
 - FLOPs/step: ``torch.utils.flop_counter.FlopCounterMode`` over one real step (forward + backward: only
@@ -25,8 +25,8 @@ LoRA (r 8, alpha 16).
 - roof: a ``--roof-size`` square matmul timed in the same process with the same thread count, in fp32 and
   in bf16 (median of 5, measured before and after the steps; the higher is kept). The MFU uses the roof of
   the precision the step computes in: bf16 when the run autocasts to bf16 (``--precision auto`` does on a CPU
-  with native bf16 only) or when the base's weights are bf16 (the packaged Gemma folder is bf16 and
-  ``load_base`` keeps its dtype), fp32 otherwise.
+  with native bf16 only) or when the base's weights are bf16 (the packaged Gemma folder is bf16; ptune
+  loads it in fp32 where the run computes in fp32), fp32 otherwise.
 
 Each (model, method) runs in a fresh subprocess; the load average is recorded around it. Writes
 bench/results/mfu.json (raw, with the per-op FLOP breakdown) and bench/results/mfu.md.
@@ -51,10 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Gemma answers bbc through a verbalizer (its own LM head read at one position): on a CPU without native
-# bf16 ptune runs the bf16 Gemma base without autocast, and a classification head (fp32) then fails on its
-# bf16 hidden states ("mat1 and mat2 must have the same dtype"); see the report of issue #15
-# Gemma steps take about a minute here (bf16 weights on a CPU that emulates bf16), hence fewer of them
+# Gemma answers bbc through a verbalizer (its own LM head read at one position, the "GPT understands, too"
+# set-up). Gemma steps take tens of seconds on 2 cores, hence fewer of them
 MODELS = {"minilm": {"batch_size": 32, "max_length": 128, "train": {}, "warmup": 2, "steps": 5},
           "gemma": {"batch_size": 8, "max_length": 128, "train": {"head": "verbalizer"}, "warmup": 1, "steps": 3}}
 METHOD_DEFAULTS = {"p_tuning_v2": {"num_virtual_tokens": 20}, "lora": {"r": 8, "alpha": 16}}

@@ -42,6 +42,7 @@ COVERED = {
     "multitask-recipe": "tests/engine/test_readme_recipes.py::test_multitask_recipe_runs_as_written",
     "resume": "tests/test_readme.py::test_resume_block",
     "export": "tests/test_readme.py::test_export_block",
+    "speed-layers": "tests/test_readme.py::test_speed_layers_block",
 }
 
 # what a user would add to try a line quickly: seconds per line on the packaged MiniLM (fp32: bf16 autocast

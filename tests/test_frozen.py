@@ -206,11 +206,12 @@ def test_cache_is_not_used_where_it_could_differ(tokenizer):
         left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}  # left padding
         model(**left)
     assert frozen.stats["cached_batches"] == 0
-    # dropout in a lower layer while training: outputs differ per call, so no cache
+    # dropout in a lower layer while training (--base-dropout on): outputs differ per call, so no cache
     for m in layer_list(model.base)[0].modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.1
     frozen = model.frozen = FrozenWork(model, prune_last=False)
+    model.base_dropout = True
     model.train()
     model(**batch)
     model(**batch)
@@ -349,3 +350,20 @@ def test_engine_run_with_a_layer_range_matches_with_and_without_the_levers(tiny_
     losses = [[r["loss"] for r in log if "loss" in r and "split" not in r] for log in logs]
     assert len(losses[0]) == 15 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert len(set(losses[0])) > 1
+
+
+@pytest.mark.parametrize("method,option,want", [("lora", "auto", False), ("p_tuning_v2", "auto", False),
+                                                ("bitfit", "auto", True), ("full", "auto", True),
+                                                ("lora", "on", True), ("bitfit", "off", False)])
+def test_base_dropout_follows_the_method_unless_told(method, option, want, tiny_model_dir, toy_task, tokenizer):
+    """A frozen base (prompts, LoRA) trains without its own dropout; BitFit / full fine-tuning keep it."""
+    from ptune.engine import TrainConfig
+    from ptune.engine.build import build_model, load_task
+
+    cfg = TrainConfig(model=tiny_model_dir, **toy_task, method=method, base_dropout=option)
+    task, _ = load_task(cfg, tokenizer)
+    model = build_model(cfg, task, tokenizer).train()
+    dropouts = [m for m in model.base.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.training is want for m in dropouts)
+    with pytest.raises(ConfigError, match="base_dropout='sometimes' is invalid"):
+        TrainConfig(base_dropout="sometimes")

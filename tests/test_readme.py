@@ -278,3 +278,19 @@ def test_export_block(tmp_path):
     assert (tmp_path / "runs/x/export-merged/config.json").is_file()
     report = json.loads((tmp_path / "my_peft" / "ptune_export.json").read_text())
     assert report["exact"] is True, report
+
+
+def test_speed_layers_block(tmp_path):
+    """The --layers lines: each run puts its method in the named layers and says what work it skips."""
+    items = plan(block("speed-layers"), tmp_path, SETUP_RULES)
+    assert [i["argv"][0] for i in items] == ["train", "train"], items
+    out = run_lines(items, tmp_path)
+    configs = {run: json.loads((tmp_path / "runs" / run / "best" / "adapter_config.json").read_text())
+               for run in ("top3", "lora-top")}
+    assert configs["top3"]["method_config"]["layers"] == "top:3"
+    assert configs["lora-top"]["method_config"]["layers"] == "4-6"
+    for o in out:
+        assert "skipped work: outputs of frozen layers 1-3 cached per row" in o["stdout"], o["stdout"]
+    assert "bfloat16" in out[1]["stdout"]
+    lora = json.loads((tmp_path / "runs" / "lora-top" / "summary.json").read_text())
+    assert lora["frozen_work"]["computed_batches"] > 0

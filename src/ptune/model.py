@@ -43,7 +43,7 @@ class PtuneModel(nn.Module):
         self.spec = spec
         self.prompt_index = prompt_index  # the prompt table rows use when no task_ids are given (multi-task views)
         self.member: int | None = None  # a prompt ensemble scored through one member only (see forward)
-        self.base_dropout = adapter.trains_base  # see train()
+        self.base_dropout = adapter.keeps_base_dropout  # see train(); TrainConfig.base_dropout overrides it
         self.frozen: Any = None  # a ptune.frozen.FrozenWork: skips work the frozen base need not redo (set by the engine)
         self._adapter_enabled = True
 
@@ -223,8 +223,9 @@ class PtuneModel(nn.Module):
         """Train mode for the adapter and head; the frozen base keeps dropout off unless ``base_dropout``.
 
         A frozen base gains nothing from dropout noise that the small adapter must learn around, and
-        dropout costs about a fifth of a CPU training step; methods that train the base's own weights
-        (LoRA, BitFit, full fine-tuning) set ``base_dropout`` so the base trains as usual.
+        dropout costs a fifth to two fifths of a CPU training step; methods that train the base's own weights
+        (BitFit, full fine-tuning) set ``base_dropout`` so the base trains as usual. LoRA's base stays
+        frozen (its low-rank branch has its own dropout), so it trains without the base's dropout too.
         """
         super().train(mode)
         if mode and not self.base_dropout:

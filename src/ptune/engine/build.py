@@ -135,6 +135,8 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
         model = apply(base, cfg.method_config(), head=head, template=cfg.template or head.spec.task_template(t),
                       tokenizer=tokenizer, labels=t.labels, label_words=t.words(), task=t,
                       max_length=cfg.max_length or t.max_length, ensemble=cfg.ensemble)
+    if cfg.base_dropout != "auto":
+        model.base_dropout = cfg.base_dropout == "on"
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return attach_frozen_work(model, cfg)

@@ -53,6 +53,7 @@ class IdentityHooks(nn.Module):
     """Both hooks identities, nothing to switch off: the base of every adapter."""
 
     trains_base = False
+    keeps_base_dropout = False  # whether the base's own dropout stays on in training (BitFit, full: their weights train)
     first_layer = 0  # the lowest transformer layer the method acts in (0: the input or every layer; see ptune.frozen)
 
     def inject(self, embeds: torch.Tensor, virtual_index: torch.Tensor, task_ids: Any) -> torch.Tensor:

@@ -30,7 +30,8 @@ class BaseParamsAdapter(IdentityHooks):
     copy of the whole model) makes disabling an error instead.
     """
 
-    trains_base = True  # the base's own weights train: keep its dropout on
+    trains_base = True  # the base's own modules carry trainable weights
+    keeps_base_dropout = True  # and those weights are the base's own: it trains as usual, dropout on
 
     def __init__(self, config: Any, params: list[nn.Parameter], keep_original: bool = True) -> None:
         super().__init__()

@@ -324,7 +324,9 @@ def peft_task_type(base: nn.Module) -> dict:
 class WeightAdapter(IdentityHooks):
     """Bookkeeping for low-rank layers living inside the base: the parameters belong to the base."""
 
-    trains_base = True  # the base's own modules carry trainable weights: keep its dropout on
+    trains_base = True  # the base's own modules carry trainable weights (the low-rank pairs)
+    # the base's weights stay frozen: its dropout only adds noise (and costs ~40% of a CPU step); the
+    # low-rank branch has its own lora_dropout. --base-dropout on restores the base's.
 
     def __init__(self, config: Any, base: nn.Module, names: list[str], note: str | None = None) -> None:
         super().__init__()
