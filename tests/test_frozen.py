@@ -367,3 +367,31 @@ def test_base_dropout_follows_the_method_unless_told(method, option, want, tiny_
     assert dropouts and all(m.training is want for m in dropouts)
     with pytest.raises(ConfigError, match="base_dropout='sometimes' is invalid"):
         TrainConfig(base_dropout="sometimes")
+
+
+def test_a_lora_run_answers_merged_and_switches_off_exactly(tiny_model_dir, toy_task, tmp_path):
+    """Run merges a single LoRA adapter into its base for inference: the same answers, and
+    disable_adapter() still computes exactly the frozen base (the original weights are restored)."""
+    from ptune.engine import Run, TrainConfig, train
+    from ptune.methods.lora import LowRankLayer
+
+    cfg = TrainConfig(model=tiny_model_dir, **toy_task, method="lora", epochs=1, batch_size=8, lr=5e-2,
+                      output_dir=str(tmp_path / "run"), progress=False)
+    train(cfg)
+    run = Run(tmp_path / "run")
+    layers = [m for m in run.model.modules() if isinstance(m, LowRankLayer)]
+    assert layers and all(m.merged for m in layers)
+    unmerged = ptune.load_adapter(tmp_path / "run" / "best").eval()
+    enc = run.encoder
+    batch = collate([enc.encode({"text": t}) for t in TEXTS], pad_id=run.tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(**batch).logits, unmerged(**batch).logits, atol=1e-5, rtol=1e-5)
+        with unmerged.disable_adapter():
+            base = unmerged(**batch).logits
+        weights = [m.base_layer.weight.clone() for m in layers]
+        with run.model.disable_adapter():
+            assert torch.equal(run.model(**batch).logits, base)
+        assert all(m.merged for m in layers)
+        assert all(torch.equal(m.base_layer.weight, w) for m, w in zip(layers, weights))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert run.evaluate("validation")["accuracy"] == summary["best_validation_accuracy"]

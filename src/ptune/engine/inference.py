@@ -86,6 +86,9 @@ class Run:
         self.model: PtuneModel = load_adapter(adapter_dir, tokenizer=self.tokenizer, dtype=dtype,
                                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         attach_frozen_work(self.model, self.config)
+        merge = getattr(self.model.adapter, "merge", None)
+        if merge is not None and self.model.spec.base.quantize is None:
+            merge(keep_original=True)  # one adapter on its base: its low-rank update costs nothing merged in
         self._ready()
 
     def _for_task(self, model: MultiTaskModel, name: str) -> "Run":

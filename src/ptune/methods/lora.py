@@ -157,14 +157,23 @@ class LowRankLayer(nn.Module):
         with torch.no_grad():
             w.add_(sign * (delta.T if self.transposed else delta))
 
-    def merge(self) -> None:
+    def merge(self, keep_original: bool = False) -> None:
+        """W += the update. ``keep_original``: keep a copy of W so that unmerge() restores it bit for bit
+        (an inference-merged Run switched off with disable_adapter() computes exactly the base)."""
         if not self.merged:
+            if keep_original:
+                self._original = self.base_layer.weight.detach().clone()  # a plain attribute: not saved
             self._add_to_weight(1.0)
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            self._add_to_weight(-1.0)
+            original = self.__dict__.pop("_original", None)
+            if original is None:
+                self._add_to_weight(-1.0)
+            else:
+                with torch.no_grad():
+                    self.base_layer.weight.copy_(original)
             self.merged = False
 
 
@@ -340,11 +349,17 @@ class WeightAdapter(IdentityHooks):
 
     def set_enabled(self, enabled: bool) -> None:
         for layer in self.layers().values():
+            if not enabled and layer.merged:  # merged for inference (Run): the base's own weight back meanwhile
+                layer.unmerge()
+                layer.merge_back = True
+            elif enabled and getattr(layer, "merge_back", False):
+                layer.merge(keep_original=True)
+                layer.merge_back = False
             layer.disabled = not enabled
 
-    def merge(self) -> None:
+    def merge(self, keep_original: bool = False) -> None:
         for layer in self.layers().values():
-            layer.merge()
+            layer.merge(keep_original)
 
     def unmerge(self) -> None:
         for layer in self.layers().values():
