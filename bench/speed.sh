@@ -14,6 +14,7 @@ for v in "full:" "full-plain:--no-prune-last-layer" "top3:--layers top:3" "top3-
   name=${v%%:*}; flags=${v#*:}
   ptune train --method p_tuning_v2 --epochs 2 --no-progress --overwrite --output-dir bench/runs/layers/$name $flags
 done
+python bench/layers_table.py
 
 # 3. model FLOP utilisation of one training step (counted FLOPs vs a measured matmul roof)
 python bench/mfu.py
