@@ -118,6 +118,24 @@ def test_method_trains_on_t5_and_switches_off_to_the_base(method, tok):
     assert not torch.allclose(out.logits, off, atol=1e-3)  # and the method, switched on, changes the output
 
 
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_a_row_scores_the_same_alone_and_in_a_padded_batch(method, tok):
+    """Padding invariance (the shared matrix's check, which builds no encoder-decoder): inputs and targets
+    padded to the batch's longest change nothing at the row's real target positions."""
+    model = build(method, tok)
+    b = batch(model, tok)
+    with torch.no_grad():
+        together = model(**b).logits
+        for i in range(len(PAIRS)):
+            real_in = int(b["attention_mask"][i].sum())
+            real_out = int((b["labels"][i] != -100).sum())
+            alone = {k: v[i:i + 1, :real_in] for k, v in b.items() if k in ("input_ids", "attention_mask", "virtual_index")}
+            alone["labels"] = b["labels"][i:i + 1, :real_out]
+            # float rounding of other batch shapes only (a padding leak moves logits by O(1))
+            scale = float(together.abs().max())
+            torch.testing.assert_close(model(**alone).logits[0], together[i, :real_out], atol=1e-5 * scale, rtol=1e-4)
+
+
 def test_bitfit_is_refused_naming_lora(tok):
     with pytest.raises(ConfigError, match="no bias terms.*lora"):
         build("bitfit", tok, config=ptune.BitFitConfig())
