@@ -218,7 +218,7 @@ def test_every_method_and_head_is_in_the_matrix():
     root = Path(__file__).resolve().parent.parent
     for head, path in ELSEWHERE.items():
         text = (root / path).read_text()
-        assert f'HeadConfig("{head}")' in text and "padded batch" in text and "disable_adapter" in text, path
+        assert f'HeadConfig("{head}")' in text and "padded_batch" in text and "disable_adapter" in text, path
     assert any(q for *_, q in CASES)
 
 
