@@ -112,12 +112,12 @@ class FrozenWork:
         self.targets_only = bool(prune_last and getattr(model.head, "packs_targets", False))
         self.limit = int(cache_limit_mb * 2 ** 20)
         self.dtype = cache_dtype
-        self.store: dict[bytes, Any] = {}  # key -> the row's (n, d) tensor, or its (offset, n) in the disk file
+        self.store: dict[bytes, torch.Tensor] = {}  # key -> the row's (n, d) states (a view of the disk file with cache_dir)
+        self.itemsize = torch.finfo(cache_dtype).bits // 8
         self.bytes = 0
         self.disk: torch.Tensor | None = None  # with cache_dir: one memory-mapped file of cache_limit bytes
         self.cache_dir = cache_dir if self.first else None
         self.out_dtype: torch.dtype | None = None
-        self.width = 0
         self.stats = {"cached_batches": 0, "computed_batches": 0, "pruned_passes": 0}
 
     def describe(self) -> str | None:
@@ -178,21 +178,19 @@ class FrozenWork:
         if not isinstance(out, torch.Tensor):  # a layer returning a tuple: not cached
             self.first = 0
             return
-        self.out_dtype, self.width = out.dtype, out.shape[-1]
+        self.out_dtype = out.dtype
         h = out.detach()
         for key, row, n in zip(keys, h, attention_mask.long().sum(1).tolist()):
             if key in self.store:
                 continue
-            size = n * row.shape[-1] * torch.finfo(self.dtype).bits // 8
+            size = n * row.shape[-1] * self.itemsize
             if self.bytes + size > self.limit:
                 return
             if self.cache_dir is None:
                 self.store[key] = row[:n].to(self.dtype).clone()
-            else:
-                flat = self._disk()
-                start = self.bytes // (torch.finfo(self.dtype).bits // 8)
-                flat[start:start + n * row.shape[-1]] = row[:n].to(self.dtype).reshape(-1)
-                self.store[key] = (start, n)
+            else:  # the next free run of the file, viewed as the row's shape
+                start = self.bytes // self.itemsize
+                self.store[key] = self._disk()[start:start + n * row.shape[-1]].view(n, -1).copy_(row[:n])
             self.bytes += size
 
     def _disk(self) -> torch.Tensor:
@@ -205,20 +203,14 @@ class FrozenWork:
             os.makedirs(self.cache_dir, exist_ok=True)
             fd, path = tempfile.mkstemp(prefix="ptune-frozen-", suffix=".bin", dir=self.cache_dir)
             os.close(fd)
-            count = self.limit // (torch.finfo(self.dtype).bits // 8)
+            count = self.limit // self.itemsize
             self.disk = torch.from_file(path, shared=True, size=count, dtype=self.dtype)
             os.unlink(path)
         return self.disk
 
-    def _rows(self, cached: list[Any], d: int) -> list[torch.Tensor]:
-        if self.cache_dir is None:
-            return cached
-        return [self.disk[start:start + n * d].view(n, d) for start, n in cached]
-
-    def _assemble(self, cached: list[Any], attention_mask: torch.Tensor) -> torch.Tensor:
+    def _assemble(self, cached: list[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
         B, T = attention_mask.shape
-        d = self.width
-        h = torch.zeros(B, T, d, dtype=self.out_dtype, device=attention_mask.device)
-        for i, row in enumerate(self._rows(cached, d)):
+        h = torch.zeros(B, T, cached[0].shape[-1], dtype=self.out_dtype, device=attention_mask.device)
+        for i, row in enumerate(cached):
             h[i, :row.shape[0]] = row
         return h
