@@ -17,6 +17,10 @@ machine's load average is recorded before and after each run.
   1.6-2.2x slower (bench/results/precision.md), so this side stays fp32 there. Which precision it used
   and whether the base's dropout was active (measured: two train-mode forward passes of the body on the
   same rows, equal or not) are recorded per run.
+- ``peft_eager``: ``peft_tuned`` with the model loaded with ``attn_implementation="eager"``. On a CPU with bf16,
+  SDPA's backward in bf16 is 3-4x slower than plain matmul attention (``bench/attention.py``), which ptune's
+  kernel avoids (``ptune.attention``); this side is what a PEFT user who knew that could get by switching
+  attention implementations, so the lead that is left over it is ptune's own.
 - ``ptune``: ptune's own engine (``ptune.engine`` Trainer, exactly what ``ptune.engine.train`` runs),
   ``--precision auto`` unless ``--ptune-options precision=...``. ptune switches the frozen base's dropout off
   for the prompt methods and for LoRA (its base stays frozen; ``--base-dropout auto``); before issue #15 it
@@ -56,8 +60,9 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("prompt_tuning", "p_tuning", "p_tuning_v2", "prefix_tuning", "lora")
-SIDES = ("peft", "peft_tuned", "ptune")
-SIDE_NAMES = {"peft": "PEFT (examples)", "peft_tuned": "PEFT tuned", "ptune": "ptune"}
+SIDES = ("peft", "peft_tuned", "peft_eager", "ptune")
+SIDE_NAMES = {"peft": "PEFT (examples)", "peft_tuned": "PEFT tuned", "peft_eager": "PEFT tuned + eager attention",
+              "ptune": "ptune"}
 PTUNE_OPTIONS = {
     "prompt_tuning": {"num_virtual_tokens": 20},
     "p_tuning": {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_num_layers": 3},
@@ -124,7 +129,7 @@ def base_dropout_active(body, batch: dict) -> bool:
     return not torch.equal(a, b)
 
 
-def run_peft(method: str, s: dict, tuned: bool) -> dict:
+def run_peft(method: str, s: dict, tuned: bool, eager: bool = False) -> dict:
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
@@ -139,6 +144,8 @@ def run_peft(method: str, s: dict, tuned: bool) -> dict:
     tok = ptune.load_tokenizer("minilm")
     # tuned: the frozen base's dropout off (hidden + attention), the classifier's kept at 0.1
     extra = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.1} if tuned else {}
+    if eager:
+        extra["attn_implementation"] = "eager"
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(task.labels), **extra)
     model = get_peft_model(model, peft_config(method))
     bf16 = tuned and bf16_available()
@@ -181,6 +188,7 @@ def run_peft(method: str, s: dict, tuned: bool) -> dict:
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     return {"seconds": seconds, "samples": len(train) * s["epochs"], "samples_per_s": len(train) * s["epochs"] / seconds,
             "accuracy": correct / len(val), "precision": "bf16" if bf16 else "fp32", "base_dropout": dropout_on,
+            "attention": model.get_base_model().config._attn_implementation,
             "lora_dropout": getattr(peft_config(method), "lora_dropout", None)}
 
 
@@ -211,7 +219,8 @@ def one(side: str, method: str, s: dict) -> None:
 
     import torch
 
-    result = run_ptune(method, s) if side == "ptune" else run_peft(method, s, tuned=side == "peft_tuned")
+    result = run_ptune(method, s) if side == "ptune" else run_peft(method, s, tuned=side != "peft",
+                                                                    eager=side == "peft_eager")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result), flush=True)

@@ -29,6 +29,7 @@ from .errors import AdapterMismatchError, ConfigError, PtuneError
 from .heads import HeadConfig, head_kind
 from .methods import method_entry
 from .methods.base import ReloadHook
+from .methods.prefix_tuning import route_attention
 from .model import PtuneModel
 from .models import LOAD_OPTIONS, arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
 from .spec import FORMAT_VERSION, BaseSpec, RunSpec, spec_from_dict
@@ -67,6 +68,7 @@ def attach_adapter(base: nn.Module, spec: RunSpec, tokenizer: Any) -> Any:
     for p in base.parameters():
         p.requires_grad_(False)
     _, apply_fn = method_entry(spec.method)
+    route_attention(base)
     return apply_fn(base, spec.method_config, template=spec.template, tokenizer=tokenizer,
                     label_words=list(spec.label_words) or None)
 

@@ -15,6 +15,7 @@ from ..api import apply
 from ..data import Task, load_builtin, load_records
 from ..data.loaders import load_dataset_split
 from ..data.builtin import BUILTIN_TASKS
+from ..attention import use_kernel
 from ..errors import ConfigError, DataError
 from ..frozen import FrozenWork
 from ..heads import HEAD_KINDS, Example, HeadConfig, HeadKind, head_kind
@@ -137,6 +138,7 @@ def build_model(cfg: TrainConfig, task: Task | list[Task], tokenizer: Any, *,
                       max_length=cfg.max_length or t.max_length, ensemble=cfg.ensemble)
     if cfg.base_dropout != "auto":
         model.base_dropout = cfg.base_dropout == "on"
+    use_kernel(model.base, cfg.attention)
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return attach_frozen_work(model, cfg)

@@ -110,6 +110,8 @@ class TrainConfig:
     """recompute the base's activations in the backward pass (less memory, more time)"""
     base_dropout: str = "auto"
     """the frozen base's own dropout while training: auto (on only where the base's own weights train: BitFit, full fine-tuning) | on | off"""
+    attention: str = "auto"
+    """attention kernel: auto (ptune's matmul kernel where SDPA's backward is slow: bf16 training on a CPU; SDPA elsewhere) | sdpa (always SDPA)"""
     prune_last_layer: bool = True
     """compute the last layer only at the position the head reads (CLS-pooled classifiers, multiple choice, verbalizers; BERT-family encoders): same logits, less work"""
     cache_frozen_layers: bool = True
@@ -191,6 +193,7 @@ class TrainConfig:
             (self.init_from is not None or self.init_task is None, "init_task", self.init_task,
              "used with init_from only"),
             (self.base_dropout in ("auto", "on", "off"), "base_dropout", self.base_dropout, "auto, on or off"),
+            (self.attention in ("auto", "sdpa"), "attention", self.attention, "auto or sdpa"),
             (self.cache_limit >= 0, "cache_limit", self.cache_limit, "0 (no cache) or a number of megabytes"),
             (self.cache_dtype in ("float32", "bfloat16"), "cache_dtype", self.cache_dtype, "float32 or bfloat16"),
         ]

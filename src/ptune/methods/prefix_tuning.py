@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..attention import attention_forward
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import arch_facts, backbone_of
 from ..templates import Template
@@ -41,7 +41,8 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      attention_mask: torch.Tensor | None, ptune_prefix: torch.Tensor | None = None,
                      ptune_prefix_mask: torch.Tensor | None = None,
                      ptune_prefix_layers: torch.Tensor | None = None, **kwargs: Any):
-    """SDPA attention with this layer's prefix keys/values in front. query (B, H, Tq, D).
+    """Attention (:func:`ptune.attention.attention_forward`: SDPA, or the matmul kernel where that pays) with
+    this layer's prefix keys/values in front, if any. query (B, H, Tq, D).
 
     ``ptune_prefix_mask`` (B, P) bool, optional: which prefix positions each row attends to, for a
     batch whose rows carry prefixes of different lengths padded to the longest (or none at all:
@@ -65,7 +66,7 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         if attention_mask is None:
             if not causal and ptune_prefix_mask is None:
                 # every key visible: no mask, so SDPA keeps its unmasked fast path
-                return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+                return attention_forward(module, query, key, value, None, **kwargs)
             m = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
             attention_mask = (m.tril(diagonal=Tk - Tq) if causal else m)[None, None]  # causal, now that Tk grows
         if ptune_prefix_mask is None:
@@ -83,11 +84,22 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                 front = torch.zeros(keep.shape, dtype=attention_mask.dtype, device=attention_mask.device)
                 front = front.masked_fill(~keep, torch.finfo(attention_mask.dtype).min)
         attention_mask = torch.cat([front, attention_mask], dim=-1)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(ATTN_IMPL, prefix_attention)
 AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+def route_attention(base: nn.Module) -> None:
+    """Run a base that uses transformers' SDPA through ptune's attention function, whatever the method: the
+    same results as SDPA, with the faster kernel where one was measured (:mod:`ptune.attention`). Bases on
+    another implementation (eager, flex, flash) or outside the attention interface keep their own; T5 has
+    its own prefix attention (:mod:`.prefix_seq2seq`)."""
+    if getattr(base.config, "is_encoder_decoder", False) or getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return
+    if getattr(type(backbone_of(base)), "_supports_attention_backend", False):
+        base.set_attn_implementation(ATTN_IMPL)
 
 
 @dataclass(frozen=True)
