@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Issue #15's speed figures, one after another on a quiet machine (~75 min on 2 cores). Each writes its
 # raw results under bench/results/ (and bench/runs/ for the CLI runs); BENCHMARKS.md quotes them.
+# (An earlier session's run on an Intel Xeon without BF16 is kept in bench/results/xeon-fp32/.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
 
-# 1. ptune vs PEFT as its examples run vs PEFT tuned (base dropout off, bf16 only where native), 5 methods
+# 0. the attention kernels at the benchmark's shapes (SDPA fp32 / bf16, eager bf16, ptune's matmul kernel)
+python bench/attention.py
+
+# 1. ptune vs PEFT as its examples run vs PEFT tuned (base dropout off, bf16 only where native) vs PEFT tuned
+#    with eager attention, 5 methods
 python bench/compare_peft.py --limit-train 800 --epochs 1
 
 # 2. full-depth vs top-half P-Tuning v2 on bbc, 2 epochs: accuracy and time, with and without the levers
@@ -33,6 +38,3 @@ python bench/compile.py --steps 4
 #    so only the stopped backward pass and the pruned last layer count (the cache pays from epoch 2: step 2)
 python bench/compare_peft.py --methods p_tuning_v2,lora --sides ptune --ptune-options layers=top:3 \
     --limit-train 800 --epochs 1 --out bench/results/compare_peft_top3.md
-
-# 8. LoRA again, all three sides in one run, now that ptune trains LoRA without the frozen base's dropout
-python bench/compare_peft.py --methods lora --limit-train 800 --epochs 1 --out bench/results/compare_peft_lora.md

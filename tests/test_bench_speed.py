@@ -55,7 +55,7 @@ def test_minilm_step_flops_match_its_matmuls():
     input-gradient matmuls are 2 x 2 x (weights in the layers) x tokens, plus attention and the head."""
     B, T = 2, 16
     job = {"model": "minilm", "method": "p_tuning_v2", "batch_size": B, "max_length": T, "warmup": 0, "steps": 1,
-           "reuse_batches": False, "roof_size": 64, "threads": 0, "seed": 13, "method_options": {},
+           "reuse_batches": False, "roof_size": 512, "threads": 0, "seed": 13, "method_options": {},
            "train_options": {"prune_last_layer": False, "cache_frozen_layers": False}, "limit_train": 16}
     r = mfu.run_one(job)
     assert r["batch_shape"] == [B, T]

@@ -201,7 +201,8 @@ def test_a_short_engine_run_lowers_the_loss_and_reloads_the_same(t5_dir, tmp_pat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     run = Run(tmp_path / "run")
     metrics = run.evaluate("validation")
-    assert metrics["loss"] == pytest.approx(summary["best_validation_loss"], abs=1e-6)  # same logits after reload
+    # same logits after reload, up to fp32 rounding: Run merges the LoRA pair into the base weights
+    assert metrics["loss"] == pytest.approx(summary["best_validation_loss"], rel=1e-6)
     with run.model.disable_adapter():  # LoRA off: the untrained base
         untrained = run.evaluate("validation")
     assert metrics["loss"] < untrained["loss"] - 1.0, (metrics, untrained)

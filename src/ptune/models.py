@@ -106,6 +106,10 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
             f"{name} has no trained {kind.replace('_', ' ')} head ({len(missing)} weights missing, e.g. "
             f"{missing[0]}); a verbalizer or causal-LM head needs one: use --head classification, or a model "
             "saved with its LM head")
+    if quantize is not None:
+        from .quantize import hold_quantized_weights
+
+        hold_quantized_weights(model)
     model.config._ptune_source = name
     # how it was loaded, so that a model built on it records the same and reloads it the same way (kept
     # beside the model, not in its config, so save_pretrained never writes it out)

@@ -87,6 +87,21 @@ def quantize_model(model: nn.Module, kind: str = "nf4",
         q = q.to(w.device)  # packs the weight (4-bit codes + constants, or int8 + row scales)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    return hold_quantized_weights(model)
+
+
+def hold_quantized_weights(model: nn.Module) -> nn.Module:
+    """Keep bitsandbytes from rewriting a frozen NF4 base in place.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` converts its weight to a CPU-packed layout
+    on its first forward pass without gradients (an evaluation), rounding the block constants to bf16; its
+    ``state_dict()`` converts back "best-effort", re-quantizing the constants. After one evaluation the
+    frozen base then holds other numbers than it was loaded with, and differs between CPUs (seen here: the
+    absmax / nested_absmax of every layer changed after three training steps with evaluations). With the
+    conversion off every CPU computes with the weights as loaded."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     return model
 
 
