@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE=1
 # 0. the attention kernels at the benchmark's shapes (SDPA fp32 / bf16, eager bf16, ptune's matmul kernel)
 python bench/attention.py
 
+# 0b. glibc malloc settings of the training process (ptune keeps freed pages: fewer page faults per step)
+python bench/malloc.py
+
 # 1. ptune vs PEFT as its examples run vs PEFT tuned (base dropout off, bf16 only where native) vs PEFT tuned
 #    with eager attention, 5 methods
 python bench/compare_peft.py --limit-train 800 --epochs 1

@@ -212,3 +212,12 @@ def test_attention_option_is_checked():
         ptune.engine.TrainConfig(attention="flash")
     with pytest.raises(ConfigError, match="auto, sdpa"):
         use_kernel(torch.nn.Linear(1, 1), "flash")
+
+
+def test_training_keeps_freed_memory_on_glibc():
+    """The Trainer's malloc settings take effect on glibc Linux (elsewhere they are skipped, not an error)."""
+    import platform
+
+    from ptune.engine.memory import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -25,6 +25,7 @@ import torch
 
 from safetensors.torch import load_file
 
+from . import memory
 from ..api import WEIGHTS_NAME, load_trainable, save_adapter
 from ..batching import length_grouped_order
 from ..methods.base import TrainingHooks
@@ -132,6 +133,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        memory.keep_freed_memory()  # each step reuses the last one's pages (engine/memory.py)
         self._start_accelerator()
         try:
             self._load_task_model_and_data()
