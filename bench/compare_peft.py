@@ -352,7 +352,9 @@ def write(out_md: Path, facts: dict, settings: dict, args: argparse.Namespace, r
         "Sides: **PEFT (examples)** as PEFT's examples train (fp32, the base's dropout on); **PEFT tuned**: the frozen "
         "base's hidden and attention dropout off (classifier dropout 0.1 and LoRA's lora_dropout 0.0 kept), bf16 "
         "autocast only where the CPU computes bf16 itself"
-        + (f" (here: {tuned['precision']})" if tuned else "") + "; **ptune**: `ptune.engine` with `--precision auto`, "
+        + (f" (here: {tuned['precision']})" if tuned else "") + "; **PEFT tuned + eager attention**: PEFT tuned with "
+        "the model loaded with attn_implementation=\"eager\" (faster than SDPA's bf16 backward on a CPU); "
+        "**ptune**: `ptune.engine` with `--precision auto`, "
         "base dropout off (prompt methods and LoRA; see each run's \"base dropout active\").", "",
     ]
     if settings["ptune_options"]:
