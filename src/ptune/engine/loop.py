@@ -216,9 +216,11 @@ class Trainer:
         """Which attention kernel trains, where it is not SDPA (see :mod:`ptune.attention`)."""
         if self.precision != "bf16" or self.acc.device.type != "cpu" or self.cfg.attention != "auto":
             return ""
-        if getattr(getattr(getattr(self.model, "base", None), "config", None), "_attn_implementation", None) != ATTN_IMPL:
+        config = getattr(getattr(self.model, "base", None), "config", None)
+        if getattr(config, "_attn_implementation", None) != ATTN_IMPL:
             return ""
-        return " (attention: ptune's matmul kernel while training, SDPA's bf16 backward is slow on CPUs; --attention sdpa to keep SDPA)"
+        return (" (attention: ptune's matmul kernel while training, SDPA's bf16 backward is slow on CPUs; "
+                "--attention sdpa to keep SDPA)")
 
     def epoch_pool(self, epoch: int) -> list[int]:
         """The training examples of one epoch (indices into ``train_ex``). One task: each once. Several:
