@@ -81,7 +81,10 @@ def _export_peft(source: _Source, tmp: Path, output: Path) -> ExportResult:
         differences += layout
     if model.spec.base.quantize:
         notes.append(f"the base was trained loaded with quantize={model.spec.base.quantize!r}: load it the same "
-                     "way for PEFT (BitsAndBytesConfig, see ptune.quantize.bnb_config)")
+                     "way for PEFT (BitsAndBytesConfig, see ptune.quantize.bnb_config); on a CPU with AVX512-BF16, "
+                     "bitsandbytes repacks NF4 weights for inference with their block constants rounded to bf16 "
+                     "(logits differ by about 1e-3): ptune.quantize.hold_quantized_weights(base) keeps them as ptune "
+                     "computes them")
     if not os.path.isdir(base_path):
         notes.append(f"base_model_name_or_path {base_path!r} is not a local folder: PEFT looks it up on the hub")
     notes += _lm_notes(model)
