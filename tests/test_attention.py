@@ -221,3 +221,13 @@ def test_training_keeps_freed_memory_on_glibc():
     from ptune.engine.memory import keep_freed_memory
 
     assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_training_log_names_the_kernel_only_where_it_trains(tokenizer):
+    from ptune.attention import training_note
+
+    model, _ = bert_batch(tokenizer, ptune.LoraConfig(r=4))
+    assert "matmul kernel" in training_note(model.base, "bf16", "cpu")
+    assert training_note(model.base, "no", "cpu") == "" and training_note(model.base, "bf16", "cuda") == ""
+    use_kernel(model.base, "sdpa")
+    assert training_note(model.base, "bf16", "cpu") == ""

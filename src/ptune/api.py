@@ -24,12 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .attention import route_attention
 from .encoder_decoder import check_base_kind, is_encoder_decoder
 from .errors import AdapterMismatchError, ConfigError, PtuneError
 from .heads import HeadConfig, head_kind
 from .methods import method_entry
 from .methods.base import ReloadHook
-from .methods.prefix_tuning import route_attention
 from .model import PtuneModel
 from .models import LOAD_OPTIONS, arch_facts, backbone_of, describe, fingerprint, load_base, load_tokenizer
 from .spec import FORMAT_VERSION, BaseSpec, RunSpec, spec_from_dict

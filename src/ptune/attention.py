@@ -1,22 +1,26 @@
 """The attention kernel of ptune's models: SDPA, except where SDPA's backward is measured slow.
 
 On a CPU, PyTorch's SDPA (its flash kernel for CPU) runs the forward pass of bf16 attention well, but its
-backward in bf16 took 3-4x as long as the same attention written as two batched matmuls around an fp32
-softmax (MiniLM's shapes, 32 x 12 heads x 128 queries x 148 keys x 32: 75-99 ms against 20-24 ms on an
-AMD EPYC with AVX512-BF16; ``python bench/attention.py``). In a frozen-base training step the attention
-backward then took 40% of the time while the linear layers ran at the matmul roof. So when a bf16 step
-on a CPU needs attention gradients, :func:`attention_forward` runs :class:`MatmulAttention` instead:
+backward in bf16 is slow: 70.6-82.0 ms against 10.2-12.2 ms for :class:`MatmulAttention` at MiniLM's shapes
+(32 x 12 heads x 128 queries x 128-148 keys x 32) on an AMD EPYC with AVX512-BF16, and 2.3-2.8x SDPA's own
+fp32 backward (``python bench/attention.py``). In a frozen-base training step that backward took 40% of the
+time while the linear layers ran at the matmul roof. So when a bf16 step on a CPU needs attention
+gradients, :func:`attention_forward` runs :class:`MatmulAttention` instead:
 
-- forward: ``S = Q K^T`` in bf16 (fp32 accumulation inside the matmul), then scale, mask and softmax in
-  fp32, ``O = P V`` with ``P`` rounded to bf16 (what eager attention under autocast computes);
+- forward: ``S = scale Q K^T + bias`` in one ``baddbmm`` (fp32 accumulation inside, bf16 out), softmax in
+  place (fp32 inside, bf16 out), ``O = P V`` with the bf16 ``P`` (what eager attention under autocast
+  computes: its error, about 1.5x SDPA's);
 - backward, from the saved bf16 ``P``: ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - rowsum(dP * P))``
-  in fp32, ``dQ = scale dS K``, ``dK = scale dS^T Q``; no attention dropout (the path is not taken with it);
-- both in chunks of the batch sized so a chunk's fp32 scores stay within a few MB (cache-resident),
-  which measured faster than one pass over the whole batch.
+  by softmax's own fused backward, ``dQ = scale dS K``, ``dK = scale dS^T Q``; no attention dropout (the
+  path is not taken with it);
+- both in chunks of the batch sized so a chunk's scores stay within about 2 MB (cache-resident), which
+  measured faster than one pass over the whole batch.
 
 Everywhere else (fp32, GPUs, inference, attention dropout, soft-capping, sinks, T5's position bias) it is
-transformers' own ``sdpa_attention_forward``, so fp32 results (and every parity test) are unchanged. A model
-can be held to SDPA with :func:`use_kernel` (``--attention sdpa``).
+transformers' own ``sdpa_attention_forward``, so fp32 results (and every parity test) are unchanged.
+:func:`route_attention` points a base at ptune's registered attention function (``ATTN_IMPL``, registered by
+:mod:`ptune.methods.prefix_tuning`, which adds deep prompts where a method has them); a model can be held
+to SDPA with :func:`use_kernel` (``--attention sdpa``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+ATTN_IMPL = "ptune_sdpa"  # the attention-interface name of ptune's attention function
 KERNELS = ("auto", "sdpa")
 CHUNK_BYTES = 2 << 20  # bf16 scores per chunk of the batch (1-4 MB measured alike, 8 MB slower)
 
@@ -38,7 +43,7 @@ class MatmulAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                 scale: float) -> torch.Tensor:
-        B, H, Tq, D = q.shape
+        B, H, Tq, _ = q.shape
         Tk = k.shape[-2]
         step = max(1, CHUNK_BYTES // max(1, H * Tq * Tk * q.element_size()))
         out = q.new_empty(B, H, Tq, v.shape[-1])
@@ -81,6 +86,34 @@ class MatmulAttention(torch.autograd.Function):
             if need_k:
                 torch.matmul(ds.transpose(-1, -2), q[rows], out=dk[rows]).mul_(ctx.scale)
         return dq, dk, dv, None, None
+
+
+def route_attention(base: nn.Module) -> None:
+    """Run a base that uses transformers' SDPA through ptune's attention function, whatever the method: the
+    same results as SDPA, with the faster kernel where one was measured. Bases on another implementation
+    (eager, flex, flash) or outside the attention interface keep their own; T5 has its own prefix attention
+    (:mod:`ptune.methods.prefix_seq2seq`)."""
+    from .models import backbone_of
+
+    if getattr(base.config, "is_encoder_decoder", False) or getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return
+    if getattr(type(backbone_of(base)), "_supports_attention_backend", False):
+        base.set_attn_implementation(ATTN_IMPL)
+
+
+def routed(base: nn.Module) -> bool:
+    """Whether ``base`` runs its attention through :func:`attention_forward`."""
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == ATTN_IMPL
+
+
+def training_note(base: nn.Module, precision: str, device_type: str) -> str:
+    """For the training log: that ptune's kernel trains this base (a bf16 run on a CPU, not held to SDPA)."""
+    if precision != "bf16" or device_type != "cpu" or not routed(base):
+        return ""
+    if any(getattr(m, "ptune_attention", "auto") == "sdpa" for m in base.modules()):
+        return ""
+    return (" (attention: ptune's matmul kernel while training, SDPA's bf16 backward is slow on CPUs; "
+            "--attention sdpa to keep SDPA)")
 
 
 def use_kernel(model: nn.Module, kernel: str) -> None:

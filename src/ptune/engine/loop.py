@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file
 
 from . import memory
+from ..attention import training_note
 from ..api import WEIGHTS_NAME, load_trainable, save_adapter
 from ..batching import length_grouped_order
 from ..methods.base import TrainingHooks
-from ..methods.prefix_tuning import ATTN_IMPL
 from ..quantize import make_optimizer
 from ..errors import ConfigError, PtuneError, TrainingInterrupted
 from ..data import Task
@@ -205,22 +205,12 @@ class Trainer:
                                   else f"template {p.model.template.source!r}" for p in self.parts)
             print(f"ptune: {self.model.describe()}; {templates}; {len(self.train_ex)} train / "
                   f"{sum(len(p.val) for p in self.parts)} validation examples; precision {self.precision}"
-                  f"{self._attention_note()}", flush=True)
+                  f"{training_note(self.model.base, self.precision, self.acc.device.type)}", flush=True)
             if self.model.frozen is not None:
                 print(f"ptune: skipped work: {self.model.frozen.describe()}", flush=True)
             if self.acc.num_processes > 1:
                 print(f"ptune: {self.acc.num_processes} processes ({self.acc.distributed_type.value}), each takes an "
                       "equal slice of every batch", flush=True)
-
-    def _attention_note(self) -> str:
-        """Which attention kernel trains, where it is not SDPA (see :mod:`ptune.attention`)."""
-        if self.precision != "bf16" or self.acc.device.type != "cpu" or self.cfg.attention != "auto":
-            return ""
-        config = getattr(getattr(self.model, "base", None), "config", None)
-        if getattr(config, "_attn_implementation", None) != ATTN_IMPL:
-            return ""
-        return (" (attention: ptune's matmul kernel while training, SDPA's bf16 backward is slow on CPUs; "
-                "--attention sdpa to keep SDPA)")
 
     def epoch_pool(self, epoch: int) -> list[int]:
         """The training examples of one epoch (indices into ``train_ex``). One task: each once. Several:

@@ -9,9 +9,8 @@ rows, bf16) took 437,665 minor page faults with glibc's defaults and 218,905 wit
 
 :func:`keep_freed_memory` raises the mmap threshold to glibc's ceiling (32 MB: smaller blocks come from
 the heap) and the trim threshold to 2 GB, mallopt's largest (the heap keeps up to that much of what it
-grew to). The process's peak memory is
-unchanged (the memory is in use at the peak anyway); only its release between steps is skipped. Elsewhere
-(macOS, musl, Windows) it does nothing.
+grew to). The process's peak memory is unchanged (the memory is in use at the peak anyway); only its
+release between steps is skipped. Elsewhere (macOS, musl, Windows) it does nothing.
 """
 
 from __future__ import annotations

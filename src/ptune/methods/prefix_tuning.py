@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import attention_forward
+from ..attention import ATTN_IMPL, attention_forward
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import arch_facts, backbone_of
 from ..templates import Template
@@ -34,7 +34,6 @@ from .targets import ATTENTION_CLASS
 from .prompt_tuning import NoPrompt, check_prompt_length
 from .prefix_seq2seq import PARTS, apply_encoder_decoder_prefix, check_parts
 
-ATTN_IMPL = "ptune_sdpa"
 
 
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -89,17 +88,6 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 AttentionInterface.register(ATTN_IMPL, prefix_attention)
 AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
-
-
-def route_attention(base: nn.Module) -> None:
-    """Run a base that uses transformers' SDPA through ptune's attention function, whatever the method: the
-    same results as SDPA, with the faster kernel where one was measured (:mod:`ptune.attention`). Bases on
-    another implementation (eager, flex, flash) or outside the attention interface keep their own; T5 has
-    its own prefix attention (:mod:`.prefix_seq2seq`)."""
-    if getattr(base.config, "is_encoder_decoder", False) or getattr(base.config, "_attn_implementation", None) != "sdpa":
-        return
-    if getattr(type(backbone_of(base)), "_supports_attention_backend", False):
-        base.set_attn_implementation(ATTN_IMPL)
 
 
 @dataclass(frozen=True)
