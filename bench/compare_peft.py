@@ -136,7 +136,7 @@ def run_peft(method: str, s: dict, tuned: bool, eager: bool = False) -> dict:
 
     import ptune
     from ptune.data import load_builtin
-    from ptune.engine.loop import bf16_available
+    from ptune.engine.precision import bf16_available
 
     torch.manual_seed(s["seed"])
     task, splits = load_builtin("bbc", seed=s["seed"])
@@ -193,7 +193,7 @@ def run_peft(method: str, s: dict, tuned: bool, eager: bool = False) -> dict:
 
 
 def run_ptune(method: str, s: dict) -> dict:
-    from ptune.engine.loop import Trainer
+    from ptune.engine.precision import Trainer
 
     out = tempfile.mkdtemp(prefix="ptune-bench-")
     cfg = ptune_config(method, s, out)

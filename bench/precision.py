@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import ptune
-from ptune.engine.loop import bf16_available, cpu_flags
+from ptune.engine.precision import bf16_available, cpu_flags
 
 OUT = Path(__file__).resolve().parent / "results"
 

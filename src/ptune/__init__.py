@@ -1,7 +1,6 @@
 """ptune: parameter-efficient fine-tuning centred on P-Tuning."""
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .api import (apply, export_peft, from_spec, load_adapter, read_adapter_config, read_spec,  # noqa: E402
                   save_adapter)
 from .errors import (AdapterMismatchError, ConfigError, DataError, ModelLoadError, PtuneError,  # noqa: E402

@@ -144,7 +144,7 @@ class AdapterSet:
         named = adapter_names(adapters)
         s = cls(base, tokenizer, **options)  # trust_remote_code, allow_pickle, precision
         if base is None and named:
-            from .api import read_spec
+            from .adapter_io import read_spec
             from .engine.inference import _find_adapter
 
             specs = [read_spec(_find_adapter(Path(p))[0]) for p in named.values()]
@@ -186,7 +186,7 @@ class AdapterSet:
     # ------------------------------------------------------------------ adding and removing adapters
 
     def _load_base(self, spec: Any) -> None:
-        from .api import load_base_for
+        from .adapter_io import load_base_for
 
         self.base = load_base_for(spec, **self._consent).eval()
         if self.tokenizer is None and spec.base.name:
@@ -194,7 +194,7 @@ class AdapterSet:
 
     def add(self, name: str, path: str | Path) -> None:
         """Load the adapter at ``path`` (a folder ``save_adapter`` wrote, or a run directory) as ``name``."""
-        from .api import WEIGHTS_NAME, check_fingerprint, from_spec, load_trainable, read_spec
+        from .adapter_io import WEIGHTS_NAME, check_fingerprint, from_spec, load_trainable, read_spec
         from .engine.inference import _find_adapter
         from safetensors.torch import load_file
 
@@ -328,7 +328,7 @@ class AdapterSet:
         """Whether ``Run`` scores this run under bf16 autocast (it trained so)."""
         if run_dir is None:
             return False
-        from .engine.loop import run_precision
+        from .engine.precision import run_precision
         from .engine.run_dir import read_run_config
 
         return run_precision(read_run_config(run_dir)) == "bf16"

@@ -45,6 +45,18 @@ LOAD_OPTIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDict
 
 DEMO_MODELS = {"minilm": _minilm_path, "gemma": _gemma_path}
 
+# which transformers class loads a base ("base kind"), ordered so that a later class holds more of the model: an
+# LM class also holds the bare body. An encoder-decoder loads as seq2seq_lm only (see ptune.encoder_decoder).
+BASE_CLASSES = {"backbone": "AutoModel", "masked_lm": "AutoModelForMaskedLM", "causal_lm": "AutoModelForCausalLM",
+                "seq2seq_lm": "AutoModelForSeq2SeqLM"}
+BASE_KINDS = tuple(BASE_CLASSES)
+GENERATIVE_BASE_KINDS = ("causal_lm", "seq2seq_lm")  # a base whose LM head generate() decodes with
+
+
+def fullest_base_kind(kinds: Any) -> str:
+    """The one base kind that serves every kind in ``kinds`` (an LM class also gives the bare body)."""
+    return max(kinds, key=BASE_KINDS.index)
+
 
 def resolve_model_path(name: str) -> str:
     """Map a demo name to its folder; pass local folders and hub ids through."""
@@ -76,14 +88,13 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
     transformers reads them with ``torch.load(weights_only=True)``. Remote code stays off unless
     ``trust_remote_code``.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+    import transformers
+    from transformers import AutoConfig
 
     from .encoder_decoder import check_base_kind
 
-    classes = {"backbone": AutoModel, "masked_lm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM,
-               "seq2seq_lm": AutoModelForSeq2SeqLM}
-    if kind not in classes:
-        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    if kind not in BASE_CLASSES:
+        raise ValueError(f"kind must be one of {sorted(BASE_CLASSES)}, got {kind!r}")
     path = resolve_model_path(name)
     check_weight_files(path, allow_pickle)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -95,7 +106,7 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
         kwargs["quantization_config"] = bnb_config(quantize)
     try:
         check_base_kind(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), kind, name)
-        model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = getattr(transformers, BASE_CLASSES[kind]).from_pretrained(path, output_loading_info=True, **kwargs)
     except PtuneError:
         raise
     except Exception as e:  # noqa: BLE001

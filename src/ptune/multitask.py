@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .api import attach_adapter, base_spec_of, build_head, resolve_spec
+from .assembly import attach_adapter, base_spec_of, build_head, resolve_spec
 from .errors import ConfigError
 from .heads import HeadConfig, head_kind
 from .model import Output, PtuneModel

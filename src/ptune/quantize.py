@@ -20,6 +20,13 @@ from torch import nn
 
 from .errors import ConfigError
 
+QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classes, by name (bitsandbytes is optional)
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    return type(module).__name__ in QUANTIZED_LAYERS
+
+
 NF4_BLOCK = 64
 NF4_DOUBLE_QUANT_BLOCK = 256
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' table): quantiles of N(0, 1) scaled to

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 
-from .api import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, read_spec
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, read_spec, read_tensors
 from .errors import AdapterMismatchError, ConfigError, PtuneError
 from .model import PtuneModel
 from .spec import MultiTaskSpec
@@ -97,7 +96,7 @@ def warm_start(model: PtuneModel, source: str | Path, init_task: str | None = No
         raise ConfigError(f"--init-from {where} is a {src_spec.method} adapter; this run trains {model.method} "
                           "(start from an adapter of the same method)")
     check_fingerprint(src_spec.base.fingerprint, model.base)
-    tensors = load_file(str(folder / WEIGHTS_NAME))
+    tensors = read_tensors(folder / WEIGHTS_NAME)
     table_of = _table_map(src_spec, model, init_task, where)
     table_names = {f"adapter.{n}" for n in getattr(model.adapter, "task_tables", ())}
     params = dict(model.named_parameters())

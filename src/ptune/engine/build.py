@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..api import apply
+from ..assembly import apply
 from ..data import Task, load_builtin, load_records
 from ..data.loaders import load_dataset_split
 from ..data.builtin import BUILTIN_TASKS
@@ -24,6 +24,7 @@ from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
 from ..templates import TemplateEncoder
 from ..multitask import TaskPart, apply_multitask, base_kind_for
 from .config import TaskEntry, TrainConfig
+from .precision import run_precision
 
 __all__ = ["Example", "load_task", "load_tasks", "task_config", "task_head", "build_model", "make_encoder",
            "encode_records", "model_is_encoder", "load_run_tokenizer"]
@@ -108,8 +109,6 @@ def weight_dtype(cfg: TrainConfig) -> torch.dtype | None:
     compute in emulated bf16 there: matmuls measured about 2.5x slower than fp32 on such a CPU (bench/mfu.py),
     and its fp32 heads would meet bf16 hidden states with no autocast to reconcile them. Quantized bases
     keep their own compute dtype."""
-    from .loop import run_precision  # the loop imports this module
-
     if cfg.quantize is not None or run_precision(cfg) == "bf16":
         return None
     return torch.float32

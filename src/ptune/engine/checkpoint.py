@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..api import load_trainable, save_adapter
+from ..adapter_io import WEIGHTS_NAME, load_trainable, read_tensors, save_adapter
 from ..errors import PtuneError
 from ..model import PtuneModel
 
@@ -115,10 +115,10 @@ def load_checkpoint(path: Path, model: PtuneModel, optimizer: torch.optim.Optimi
     """Restore adapter weights, optimizer and RNG; returns the trainer state."""
     try:
         state = json.loads((path / "trainer_state.json").read_text())
-        load_trainable(model, load_file(str(path / "adapter_model.safetensors")), str(path))
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+        load_trainable(model, read_tensors(path / WEIGHTS_NAME, "checkpoint"), str(path))
+        optimizer.load_state_dict(_optimizer_from_files(read_tensors(path / "optimizer.safetensors", "checkpoint"),
                                                         state.pop("optimizer")))
-        set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+        set_rng_state(read_tensors(path / "rng.safetensors", "checkpoint"), state.pop("rng"))
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise PtuneError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
                          "delete it or start again with --overwrite") from e

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..api import CONFIG_NAME, load_adapter, read_spec
+from ..adapter_io import find_adapter, load_adapter, read_spec
 from ..batching import collate
 from ..data import Task, load_records
 from ..errors import ConfigError, PtuneError
@@ -24,18 +24,8 @@ from .build import (attach_frozen_work, build_model, encode_records, load_task, 
                     model_is_encoder, weight_dtype)
 from .config import TrainConfig
 from .evaluate import decode_predictions, main_metric, predict_logits, score
-from .loop import bf16_autocast, run_precision
+from .precision import bf16_autocast, run_precision
 from .run_dir import read_run_config
-
-
-def _find_adapter(path: Path) -> tuple[Path, Path | None]:
-    """(adapter folder, run directory or None) for a run directory, its best/ or a bare adapter."""
-    if (path / "best" / CONFIG_NAME).is_file():
-        return path / "best", path if (path / "config.json").is_file() else None
-    if (path / CONFIG_NAME).is_file():
-        return path, path.parent if (path.parent / "config.json").is_file() else None
-    raise PtuneError(f"{path} is not a finished ptune run (no config.json with best/{CONFIG_NAME}) nor an adapter "
-                     "folder; pass the --output-dir of a completed `ptune train`")
 
 
 class Run:
@@ -49,7 +39,7 @@ class Run:
     def __init__(self, path: str | Path, *, task: str | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False) -> None:
         path = Path(path)
-        adapter_dir, run_dir = _find_adapter(path)
+        adapter_dir, run_dir = find_adapter(path)
         spec = read_spec(adapter_dir)
         config = read_run_config(run_dir) if run_dir else None
         self.path = path

@@ -23,11 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-from safetensors.torch import load_file
 
 from . import memory
 from ..attention import training_note
-from ..api import WEIGHTS_NAME, load_trainable, save_adapter
+from ..adapter_io import WEIGHTS_NAME, load_trainable, read_tensors, save_adapter
 from ..batching import length_grouped_order
 from ..methods.base import TrainingHooks
 from ..quantize import make_optimizer
@@ -41,6 +40,7 @@ from .build import build_model, encode_records, load_run_tokenizer, load_tasks, 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import main_metric, make_batch, make_multitask_batch, predict_logits, score
+from .precision import bf16_autocast, bf16_available, cpu_flags, run_precision  # noqa: F401  (re-exported)
 from .run_dir import RunDirectory
 from .trainer_state import MetricsLog, TrainState
 
@@ -68,34 +68,6 @@ def refuse_sharding_without_gpu() -> None:
             raise ConfigError(f"{name} needs GPUs and this machine has "
                               "none (accelerate would fall back to plain data parallelism); on CPU run data-parallel "
                               "with `torchrun --standalone --nproc_per_node N -m ptune.cli train ...`")
-
-
-def run_precision(cfg: TrainConfig) -> str:
-    """accelerate's mixed_precision for a run: "bf16" (autocast) or "no"."""
-    return "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available()) else "no"
-
-
-def bf16_autocast() -> Any:
-    """bf16 autocast on the device the run scores on (what accelerate's autocast() gives a bf16 run)."""
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-
-
-def bf16_available() -> bool:
-    """Whether bf16 autocast pays here: a GPU with bf16, or a CPU with bf16 arithmetic of its own
-    (AVX512-BF16 or AMX). Without it oneDNN emulates bf16 through conversions: a MiniLM training step
-    measured 2.5x slower than fp32 on an AVX512 CPU without AVX512-BF16 (see BENCHMARKS.md)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
 
 
 def peak_rss_mb() -> float:
@@ -493,7 +465,7 @@ class Trainer:
         test_metrics = None
         n_test = sum(len(self.test_examples(p)) for p in self.parts)
         if n_test:  # the best adapter on held-out data
-            load_trainable(self.inner, load_file(str(run_dir / "best" / WEIGHTS_NAME)), str(run_dir / "best"))
+            load_trainable(self.inner, read_tensors(run_dir / "best" / WEIGHTS_NAME), str(run_dir / "best"))
             test_metrics = self.evaluate("test")
             self.log.write(step=st.step, split="test", **test_metrics)
         trainable, total_params = self.inner.trainable_parameters()

@@ -41,12 +41,15 @@ from typing import Any
 
 import torch
 
+from ..adapter_io import find_adapter
 from ..errors import ConfigError
 from ..model import PtuneModel
-from .client_head import BASE_CLASSES, TASK_CLASSES  # noqa: F401  (re-exported: ptune.export.*)
+from ..models import BASE_CLASSES  # noqa: F401  (re-exported: ptune.export.*)
+from ..quantize import QUANTIZED_LAYERS  # noqa: F401  (re-exported)
+from .client_head import TASK_CLASSES  # noqa: F401  (re-exported: ptune.export.*)
 from .common import (FORMATS, HEAD_NAME, PROBE_TEXTS, REPORT_NAME, TOLERANCE,  # noqa: F401  (re-exported)
                      ExportResult, _check_output, _from_model, _from_path, _replace, _report)
-from .merged import QUANTIZED_LAYERS, _export_merged  # noqa: F401  (QUANTIZED_LAYERS re-exported)
+from .merged import _export_merged
 from .peft import PROMPT_TYPES, _export_peft  # noqa: F401  (PROMPT_TYPES re-exported)
 
 
@@ -134,9 +137,7 @@ def export_merged(model_or_path: PtuneModel | str | os.PathLike, path: str | os.
 
 def default_output(run: str | os.PathLike, format: str) -> Path:
     """``<run>/export-<format>`` for a run directory; ``<adapter>-<format>`` beside a bare adapter folder."""
-    from ..engine.inference import _find_adapter
-
-    adapter_dir, run_dir = _find_adapter(Path(run))
+    adapter_dir, run_dir = find_adapter(run)
     if run_dir is not None:
         return run_dir / f"export-{format}"
     return adapter_dir.with_name(f"{adapter_dir.name}-{format}")

@@ -17,10 +17,10 @@ from torch import nn
 from ..heads import head_kind
 from ..methods.lora import LowRankLayer, is_linear_like
 from ..model import PtuneModel
+from ..models import BASE_CLASSES
 from .common import REPORT_NAME, _device, _gap, _plain_probe, _scale_tol, _Source
 
 TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
-BASE_CLASSES = {"backbone": "AutoModel", "masked_lm": "AutoModelForMaskedLM", "causal_lm": "AutoModelForCausalLM"}
 
 
 @dataclass

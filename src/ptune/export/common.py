@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..batching import collate
 from ..errors import ConfigError, PtuneError
 from ..heads import head_kind

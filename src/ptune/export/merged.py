@@ -18,11 +18,11 @@ from ..errors import ConfigError, PtuneError
 from ..methods.base import PeftExportable
 from ..methods.lora import LowRankLayer
 from ..model import PtuneModel
+from ..quantize import is_quantized_layer
 from .client_head import _client_head, _ClientHead, _head_use, _lm_notes
 from .common import (HEAD_NAME, ExportResult, _batch, _device, _gap, _plain_probe, _probe_examples, _scale_tol,
                      _Source)
 
-QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
 
 def _export_merged(source: _Source, tmp: Path, output: Path) -> ExportResult:
@@ -87,7 +87,7 @@ def _export_merged(source: _Source, tmp: Path, output: Path) -> ExportResult:
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
-    if type(layer).__name__ not in QUANTIZED_LAYERS:
+    if not is_quantized_layer(layer):
         return layer.weight.detach()
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
@@ -100,7 +100,7 @@ def _merged_state(model: PtuneModel) -> tuple[dict[str, torch.Tensor], torch.dty
     is left as it is."""
     base = model.base
     low = {n: m for n, m in base.named_modules() if isinstance(m, LowRankLayer)}
-    quant = {n: m for n, m in base.named_modules() if type(m).__name__ in QUANTIZED_LAYERS}
+    quant = {n: m for n, m in base.named_modules() if is_quantized_layer(m)}
     quantized = bool(quant)
     if quantized:
         first = next(iter(quant.values()))

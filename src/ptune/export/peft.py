@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..api import CONFIG_NAME, WEIGHTS_NAME
+from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import ConfigError, PtuneError
 from ..methods.base import PeftExportable
 from ..model import PtuneModel

@@ -12,33 +12,10 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import Example, HeadBase, HeadConfig, HeadKind, MetricSpec, lm_head_of
-from .causal_lm import CausalLMHead
-from .classification import ClassificationHead
-from .multiple_choice import MultipleChoiceHead, MultipleChoiceLMHead
-from .seq2seq import Seq2SeqHead
-from .span_qa import SpanQAHead
-from .tagging import TaggingHead
-from .verbalizer import VerbalizerHead, collision_message, first_token_collisions, label_word_ids
-
-HEAD_KINDS: dict[str, HeadKind] = {
-    "classification": ClassificationHead(),
-    "tagging": TaggingHead(),
-    "verbalizer": VerbalizerHead(),
-    "causal_lm": CausalLMHead(),
-    "multiple_choice": MultipleChoiceHead(),
-    "multiple_choice_lm": MultipleChoiceLMHead(),
-    "span_qa": SpanQAHead(),
-    "seq2seq": Seq2SeqHead(),
-}
-
-
-def head_kind(name: str) -> HeadKind:
-    if name not in HEAD_KINDS:
-        raise ConfigError(f"head kind {name!r} is not one of {tuple(HEAD_KINDS)}")
-    return HEAD_KINDS[name]
-
+from .base import Example, HeadBase, HeadKind, MetricSpec, lm_head_of
+from .config import HeadConfig
+from .registry import HEAD_KINDS, head_kind
+from .verbalizer import collision_message, first_token_collisions, label_word_ids
 
 __all__ = ["HEAD_KINDS", "head_kind", "HeadConfig", "HeadKind", "HeadBase", "MetricSpec", "Example",
            "lm_head_of", "label_word_ids", "first_token_collisions", "collision_message"]

@@ -25,34 +25,9 @@ from ..templates import Encoded
 if TYPE_CHECKING:
     from ..data.tasks import Task
     from ..templates import Template, TemplateEncoder
+    from .config import HeadConfig
 
 POOLINGS = ("auto", "cls", "pooler", "mean", "last")
-BASE_KINDS = ("backbone", "masked_lm", "causal_lm", "seq2seq_lm")
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """A head's shape: its kind (see ``ptune.heads.HEAD_KINDS``) and the few settings heads read."""
-
-    kind: str = "classification"
-    num_labels: int = 0
-    label_word_ids: tuple[int, ...] = ()  # verbalizer: first token id of each label word
-    pooling: str = "auto"  # classification: auto (cls for encoders, last for decoders) | cls | pooler | mean | last
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        from . import head_kind
-
-        object.__setattr__(self, "label_word_ids", tuple(int(i) for i in self.label_word_ids))
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
-        head_kind(self.kind).check_config(self)
-
-    @property
-    def spec(self) -> "HeadKind":
-        from . import head_kind
-
-        return head_kind(self.kind)
 
 
 @dataclass(frozen=True)
@@ -82,6 +57,14 @@ class HeadKind(Protocol):
     label_form: str  # "class" | "tags" | "text" | "choice" | "span": heads of one form can stand in for each other on a task
     new_weights: bool  # whether the head adds weights that must be trained (zero-shot needs False)
     metrics: tuple[MetricSpec, ...]  # the first is the default main metric
+    # capabilities, read by the engine, serving, studies and exports instead of comparing names or label forms
+    multi_row: bool  # a record takes several model rows (a question's choices, a long context's windows)
+    generates: bool  # answers are text it writes with generate() (predict, serving and --generate go there)
+    label_set: bool  # the task's labels are a closed set of classes or tags (>= 2, no duplicates)
+    one_label: bool  # one label per input (not per token, not text): a prompt ensemble may vote on it
+    base_kinds: tuple[str, ...]  # the base kinds (ptune.models.BASE_KINDS) it runs on, the one it loads first
+
+    def fits_labels_of(self, other: "HeadKind") -> bool: ...
 
     def check_config(self, config: HeadConfig) -> None: ...
     def base_kind(self, is_encoder: bool) -> str: ...
@@ -107,14 +90,22 @@ class HeadBase:
     label_form = "class"
     metrics: tuple[MetricSpec, ...] = ()
     new_weights = True  # False: the base's own LM head answers, so the head works with nothing trained
-    generates = False  # True: new inputs are answered by generate() (Run.predict), not by scoring (seq2seq)
+    multi_row = False  # True: a record is several model rows (choices, windows): collate's ChoiceRows / WindowRows
+    generates = False  # True: answers are written by generate() (Run.predict, serving), not picked by scoring
+    label_set = True  # True: the task's labels are a closed set (classes, tags)
+    one_label = True  # True: one label per input (a pooled class); False: per token, a span or text
+    base_kinds: tuple[str, ...] = ("backbone",)  # any LM class of an encoder or decoder holds the backbone too
+
+    def fits_labels_of(self, other: "HeadKind") -> bool:
+        """Whether this head can answer a task made for ``other`` (same form of label: encoding, metrics)."""
+        return self.label_form == other.label_form
 
     def check_config(self, config: HeadConfig) -> None:
         if config.num_labels < 1:
             raise ConfigError(f"a {self.name} head needs num_labels >= 1, got {config.num_labels}")
 
     def base_kind(self, is_encoder: bool) -> str:
-        return "backbone"
+        return self.base_kinds[0]
 
     def peft_task_type(self, is_encoder: bool) -> str | None:
         return None

@@ -9,13 +9,16 @@ metrics are the mean token loss and its perplexity over the scored tokens; gener
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import DataError
-from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, check_text_fields, cross_entropy
+from .base import Example, HeadBase, LMScores, MetricSpec, check_text_fields, cross_entropy
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 
 class CausalLMModule(nn.Module):
@@ -45,6 +48,10 @@ class CausalLMModule(nn.Module):
 class CausalLMHead(HeadBase):
     name = "causal_lm"
     label_form = "text"
+    generates = True  # a causal-LM run answers by continuing its prompt
+    label_set = False
+    one_label = False
+    base_kinds = ("causal_lm",)
     new_weights = False
     metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("perplexity", higher_is_better=False))
 
@@ -100,5 +107,7 @@ class CausalLMHead(HeadBase):
         return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
     def result(self, task: Any, rec: dict, prediction: Any, row: Any) -> dict[str, Any]:
+        if row is None:  # Run.predict: the prompt's continuation, written by generate()
+            return {"generated": prediction}
         loss, count = row
         return {"loss": loss / count if count else None, "tokens_scored": count}

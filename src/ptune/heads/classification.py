@@ -9,14 +9,17 @@ answers the same kind of task without new weights.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..metrics import accuracy, macro_f1
-from .base import Example, HeadBase, HeadConfig, MetricSpec, check_text_fields, cross_entropy
+from .base import Example, HeadBase, MetricSpec, check_text_fields, cross_entropy
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 CLASS_METRICS = (MetricSpec("accuracy"), MetricSpec("macro_f1"),
                  MetricSpec("precision_at_1"))  # probing: accuracy of the top candidate, under LAMA's name

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -33,8 +33,11 @@ from ..batching import ChoiceRows
 from ..errors import ConfigError, DataError
 from ..metrics import accuracy
 from ..templates import Template, TemplateEncoder
-from .base import Example, HeadBase, HeadConfig, LMScores, MetricSpec, check_text_fields, cross_entropy, record_rows_mask
+from .base import Example, HeadBase, LMScores, MetricSpec, check_text_fields, cross_entropy, record_rows_mask
 from .classification import ClassificationModule
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 CHOICES = "choices"  # the record field holding the choices
 CHOICE = "choice"  # the template field one choice fills
@@ -59,6 +62,8 @@ class MultipleChoiceModule(ClassificationModule):
 class MultipleChoiceHead(HeadBase):
     name = "multiple_choice"
     label_form = "choice"
+    multi_row = True  # one row per (question, choice): ChoiceRows
+    label_set = False
     metrics = (MetricSpec("accuracy"),)
 
     def check_config(self, config: HeadConfig) -> None:
@@ -190,6 +195,7 @@ class MultipleChoiceLMHead(MultipleChoiceHead):
 
     name = "multiple_choice_lm"
     new_weights = False
+    base_kinds = ("causal_lm",)
 
     def check_config(self, config: HeadConfig) -> None:
         super().check_config(config)

@@ -14,7 +14,7 @@ argmax is the target's token). New inputs are answered by ``generate()`` (``Run.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,10 @@ from torch import nn
 from ..batching import TargetRow
 from ..encoder_decoder import SEQ2SEQ_KIND
 from ..errors import ConfigError, DataError
-from .base import Example, HeadBase, HeadConfig, MetricSpec, check_text_fields, cross_entropy
+from .base import Example, HeadBase, MetricSpec, check_text_fields, cross_entropy
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 
 class Seq2SeqLMModule(nn.Module):
@@ -43,6 +46,9 @@ class Seq2SeqLMModule(nn.Module):
 class Seq2SeqHead(HeadBase):
     name = "seq2seq"
     label_form = "text"
+    label_set = False
+    one_label = False
+    base_kinds = (SEQ2SEQ_KIND,)
     new_weights = False
     generates = True  # new inputs are answered by generate(), not by scoring
     metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("exact_match"), MetricSpec("token_accuracy"),

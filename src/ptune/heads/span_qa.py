@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,10 @@ from ..batching import WindowRows
 from ..errors import ConfigError, DataError
 from ..metrics import squad_scores
 from ..templates import Encoded
-from .base import Example, HeadBase, HeadConfig, MetricSpec, check_text_fields, record_rows_mask
+from .base import Example, HeadBase, MetricSpec, check_text_fields, record_rows_mask
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 NULL = 0  # the position whose start and end logits score "no answer"
 START, END = 1, 2  # target codes in a window's labels: 0 a candidate position, -100 none, START | END the answer's ends
@@ -84,6 +87,9 @@ class SpanQAModule(nn.Module):
 class SpanQAHead(HeadBase):
     name = "span_qa"
     label_form = "span"
+    multi_row = True  # one row per window of a long context: WindowRows
+    label_set = False
+    one_label = False
     metrics = (MetricSpec("f1"), MetricSpec("exact_match", aliases=("em", "exact")))
 
     def check_config(self, config: HeadConfig) -> None:

@@ -7,14 +7,17 @@ first sub-token only (the others are ignored, -100). Words cut off by truncation
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import DataError
 from ..metrics import accuracy, entity_scores
-from .base import Example, HeadBase, HeadConfig, MetricSpec, cross_entropy
+from .base import Example, HeadBase, MetricSpec, cross_entropy
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 
 class TaggingModule(nn.Module):
@@ -34,6 +37,7 @@ class TaggingModule(nn.Module):
 class TaggingHead(HeadBase):
     name = "tagging"
     label_form = "tags"
+    one_label = False  # a tag per word
     metrics = (MetricSpec("f1", aliases=("entity_f1",)), MetricSpec("precision"), MetricSpec("recall"),
                MetricSpec("accuracy"))
 

@@ -10,14 +10,17 @@ be told apart and are refused by name, or dropped with their records where the t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import HeadConfig, LMScores, cross_entropy
+from .base import LMScores, cross_entropy
 from .classification import ClassLabels
+
+if TYPE_CHECKING:
+    from .config import HeadConfig
 
 
 class VerbalizerModule(nn.Module):
@@ -70,6 +73,7 @@ def collision_message(groups: list[list[str]]) -> str:
 class VerbalizerHead(ClassLabels):
     name = "verbalizer"
     new_weights = False
+    base_kinds = ("masked_lm", "causal_lm")  # an encoder's MLM head, a decoder's LM head
 
     def check_config(self, config: HeadConfig) -> None:
         # empty label_word_ids: resolve() fills them in from the label words and the tokenizer

@@ -29,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..encoder_decoder import MODEL_TYPES  # T5Attention: one relative-position bias per stack (its first layer's)
 from ..errors import ConfigError, UnsupportedModelError
 from .base import IdentityHooks
+from .prefix_encoder import PrefixEncoder
 
 ATTN_IMPL = "ptune_seq2seq_sdpa"
 PARTS = ("encoder", "decoder", "cross")  # encoder self-, decoder self-, decoder cross-attention
@@ -118,8 +119,6 @@ class EncoderDecoderPrefixAdapter(IdentityHooks):
     task_tables = ("encoder.embedding",)  # the first dimension is the prompt table (see ptune.transfer)
 
     def __init__(self, config: Any, slots: int, heads: int, head_dim: int, hidden_size: int) -> None:
-        from .prefix_tuning import PrefixEncoder
-
         super().__init__()
         self.config = config
         self.encoder = PrefixEncoder(config, slots, heads, head_dim, hidden_size)

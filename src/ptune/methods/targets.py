@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import arch_facts
-from .lora import LowRankLayer, is_linear_like, layer_dims
+from .low_rank import LowRankLayer, is_linear_like, layer_dims
 
 ATTENTION_CLASS = re.compile("attention|attn", re.IGNORECASE)
 ATTENTION_NAMES = {"attention", "attn", "self_attn", "self_attention", "selfattention"}

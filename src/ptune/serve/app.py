@@ -251,7 +251,7 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -19,8 +19,10 @@ from typing import Any, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
+from ..adapter_io import find_adapter, read_spec
 from ..adapter_set import AdapterSet, adapter_names
 from ..errors import ConfigError, PtuneError
+from ..heads import head_kind
 from .schemas import ApiError, Limits
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -28,18 +30,13 @@ from .schemas import ApiError, Limits
 
 def _generates(spec: Any) -> bool:
     """Whether an adapter answers through generate (a causal_lm head) rather than labelling its inputs."""
-    from ..heads import head_kind
-
     head = getattr(spec, "head", None)
-    return head is not None and head_kind(head.kind).label_form == "text"
+    return head is not None and head_kind(head.kind).generates
 
 
 def _read(name: str, path: str | Path) -> tuple[Any, Path]:
-    from ..api import read_spec
-    from ..engine.inference import _find_adapter
-
     try:
-        adapter_dir, _ = _find_adapter(Path(path))
+        adapter_dir, _ = find_adapter(path)
         return read_spec(adapter_dir), adapter_dir
     except PtuneError as e:
         raise type(e)(f"adapter {name!r}: {e}") from None
