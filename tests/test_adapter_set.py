@@ -439,12 +439,67 @@ def test_prefix_attention_row_mask(mask_kind):
 
 
 def test_length_chunks_keep_short_rows_apart_from_long_ones():
-    from ptune.adapter_set import length_chunks
+    from ptune.scoring import PADDING_WASTE, length_chunks
 
-    sizes = [20, 22, 25, 30, 240, 250, 256, 256]  # ascending, as _score sorts them: tweets, then articles
-    chunks = length_chunks(list(range(8)), sizes, batch_size=32)
+    sizes = [20, 22, 25, 30, 240, 250, 256, 256]  # ascending, as the scorer sorts them: tweets, then articles
+    assert length_chunks(list(range(8)), sizes, batch_size=32) == [list(range(8))]  # no bound: batch_size only
+    chunks = length_chunks(list(range(8)), sizes, batch_size=32, waste=PADDING_WASTE)  # the set's bound
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7]]
     for chunk in chunks:  # padded positions within 1.3x the real ones
         assert max(sizes[i] for i in chunk) * len(chunk) <= 1.3 * sum(sizes[i] for i in chunk)
     assert length_chunks(list(range(8)), [50] * 8, batch_size=3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert length_chunks([], [], batch_size=4) == []
+
+
+MC = Task("mc", head="multiple_choice", text_fields=("question",), max_length=32)
+QA = Task("qa", head="span_qa", text_fields=("question", "context"), label_field="answers", allow_no_answer=True,
+          max_length=24)  # 24 tokens: the context below is cut into several windows
+CONTEXT = ("Paris is the capital of France. Berlin is the capital of Germany, and Zurich is a city in Switzerland. "
+           "Sao Paulo is the largest city of Brazil.")
+MULTI_ROW = {  # several model rows per record (choices, a long context's windows), beside one-row rows
+    "mc": (MC, "{question} {choice}", [{"question": q, "choices": c} for q, c in [
+        ("the capital of france is", ["paris", "rome"]), ("water boils at", ["one hundred", "zero", "ten", "five"]),
+        ("a cat says", ["meow", "woof", "moo"])]]),
+    "qa": (QA, "{question} [SEP] {context}", [{"question": q, "context": CONTEXT} for q in
+                                               ("capital of germany?", "where is zurich?", "largest city of brazil?")]),
+}
+
+
+@pytest.mark.parametrize("method", ["p_tuning_v2", "lora", "prompt_tuning"])
+def test_heads_with_several_rows_per_record_are_served_beside_others(method, tmp_path, tokenizer):
+    """A set holds multiple-choice and span-QA adapters (refused before the set scored through the one
+    path) beside a classifier: each record's scores equal the adapter's own model scoring it alone."""
+    from ptune.scoring import score_rows
+
+    paths = {"topic": make_adapter(tmp_path / "topic", tokenizer, bert(), METHODS[method][0](), TOPIC, seed=1)}
+    for k, (name, (task, template, _)) in enumerate(MULTI_ROW.items()):
+        paths[name] = make_adapter(tmp_path / name, tokenizer, bert(), METHODS[method][1](), task, seed=2 + k,
+                                   template=template)
+    rows = {"topic": rows_for("topic", TOPIC, 3)}
+    rows.update({name: [{"adapter": name, **r} for r in recs] for name, (_, _, recs) in MULTI_ROW.items()})
+    expected = {}
+    for name, path in paths.items():
+        model = ptune.load_adapter(path, base=bert(), tokenizer=tokenizer).eval()
+        kind, encoder = head_kind(model.head_config.kind), make_encoder(model, tokenizer)
+        examples = [kind.encode(model.spec.task, encoder, {k: v for k, v in r.items() if k != "adapter"}, False)
+                    for r in rows[name]]
+        got = score_rows(model, examples, batch_size=1, pad_id=encoder.placeholder_id)  # one record at a time
+        expected[name] = [got[i] for i in range(len(examples))]
+    s = AdapterSet(bert(), tokenizer)
+    for name, path in paths.items():
+        s.add(name, path)
+    assert any(len(e.encoded.choices) > 1 for e in s.validate(rows["qa"])[0:1] for e in [e.example]), \
+        "the QA context should span several windows"
+    order = [(n, i) for i in range(3) for n in rows]  # interleaved: every batch mixes adapters
+    got = s.logits([rows[n][i] for n, i in order], batch_size=64)
+    for (n, i), row in zip(order, got):
+        want = expected[n][i]
+        if n == "mc":  # a record's scores padded to the batch's most choices with -inf (as Run batches them)
+            choices = len(rows[n][i]["choices"])
+            assert torch.isinf(row[choices:]).all() and torch.isinf(want[choices:]).all()
+            row, want = row[:choices], want[:choices]
+        torch.testing.assert_close(row, want, atol=ATOL, rtol=0, msg=lambda m: f"{n} row {i}: {m}")
+    results = s.predict([r for name in paths for r in rows[name]])
+    for r, rec in zip(results[3:6], rows["mc"]):  # the choice picked, as Run.predict gives it
+        assert r["label"] == rec["choices"][r["index"]] and set(r["probabilities"]) == set(rec["choices"])
+    assert all(isinstance(r["answer"], str) for r in results[6:]), results[6:]

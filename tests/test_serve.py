@@ -172,9 +172,9 @@ def test_concurrent_requests_of_two_adapters_share_one_forward_pass(aset, monkey
     test_length_chunks_keep_short_rows_apart_from_long_ones)."""
     monkeypatch.setattr("ptune.adapter_set.PADDING_WASTE", 100.0)
     calls = []
-    forward = aset._forward
-    monkeypatch.setattr(aset, "_forward", lambda batch, groups, lengths: calls.append(sorted(groups)) or
-                        forward(batch, groups, lengths))
+    forward = aset.model.forward  # one call per forward pass of the body; its rows' adapters recorded
+    monkeypatch.setattr(aset.model, "forward", lambda *a, task_index, **kw: calls.append(
+        sorted({aset.names[t] for t in task_index.tolist()})) or forward(*a, task_index=task_index, **kw))
     requests = [{"adapter": "topic", "inputs": TEXTS[:2]}, {"adapter": "ner", "inputs": ["John lives in Paris"] * 3}]
     alone = [aset.predict([{"adapter": r["adapter"], "text": t} for t in r["inputs"]]) for r in requests]
     calls.clear()
@@ -406,9 +406,9 @@ def test_per_adapter_batching_gives_one_forward_pass_per_adapter(aset, monkeypat
     with pytest.raises(ptune.ConfigError, match="--batching='both' must be one of mixed, per-adapter"):
         create_app(aset, batching="both")
     calls = []
-    forward = aset._forward
-    monkeypatch.setattr(aset, "_forward", lambda batch, groups, lengths: calls.append(sorted(groups)) or
-                        forward(batch, groups, lengths))
+    forward = aset.model.forward  # one call per forward pass of the body; its rows' adapters recorded
+    monkeypatch.setattr(aset.model, "forward", lambda *a, task_index, **kw: calls.append(
+        sorted({aset.names[t] for t in task_index.tolist()})) or forward(*a, task_index=task_index, **kw))
     requests = [{"adapter": "topic", "inputs": TEXTS[:2]}, {"adapter": "ner", "inputs": ["John lives in Paris"] * 3}]
     alone = [aset.predict([{"adapter": r["adapter"], "text": t} for t in r["inputs"]]) for r in requests]
     calls.clear()

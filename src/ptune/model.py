@@ -2,8 +2,11 @@
 
 The forward path is the same for every method: embed ``input_ids`` with the base's own table, let
 the adapter fill the virtual-token placeholders (``inject``), run the transformer body with any
-per-layer arguments the adapter needs (``attention_kwargs``), then let the head pool and score.
-Methods that change weights (LoRA, BitFit) do so inside the base and make both hooks identities.
+per-layer arguments the adapter needs (``attention_kwargs``) inside its ``route`` (which rows are
+whose, for per-row weight deltas), then let the head pool and score. Methods that change weights
+(LoRA, BitFit) do so inside the base and make every hook an identity. Training, evaluation, a prompt
+ensemble, several tasks' heads (:mod:`ptune.multitask`), a set of saved adapters (:mod:`ptune.adapter_set`)
+and generation all run through ``hidden_states`` / ``head_batch`` here.
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ class PtuneModel(nn.Module):
     def _attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict[str, Any]:
         return self.adapter.attention_kwargs(batch_size, task_ids) if self._adapter_enabled else {}
 
+    def _route(self, task_ids: torch.Tensor | None) -> Any:
+        return self.adapter.route(task_ids) if self._adapter_enabled else nullcontext()
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, reads: torch.Tensor | None = None,
@@ -117,12 +123,13 @@ class PtuneModel(nn.Module):
         task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
         embeds = self.embed(input_ids, virtual_index, task_ids)
         extra = self._attention_kwargs(input_ids.shape[0], task_ids)
-        if is_encoder_decoder(self.base.config):  # T5: encoder, then decoder (see ptune.encoder_decoder)
-            return encoder_decoder_hidden(self.base, embeds, attention_mask, extra, decoder_input_ids)
-        skip = self.frozen.around(input_ids, attention_mask, position_ids, reads) if self.frozen else nullcontext()
-        with skip:
-            out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False, **extra)
+        with self._route(task_ids):
+            if is_encoder_decoder(self.base.config):  # T5: encoder, then decoder (see ptune.encoder_decoder)
+                return encoder_decoder_hidden(self.base, embeds, attention_mask, extra, decoder_input_ids)
+            skip = self.frozen.around(input_ids, attention_mask, position_ids, reads) if self.frozen else nullcontext()
+            with skip:
+                out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False, **extra)
         return out.last_hidden_state
 
     def table_ids(self, batch_size: int, task_ids: torch.Tensor | None, device: Any) -> torch.Tensor | None:
@@ -159,13 +166,7 @@ class PtuneModel(nn.Module):
                 rep, (input_ids, attention_mask, virtual_index, label_position, position_ids, labels))
             task_ids = torch.arange(K, device=input_ids.device).repeat(B)
         task_ids = self.table_ids(input_ids.shape[0], task_ids, input_ids.device)
-        head_batch = {"attention_mask": attention_mask, "label_position": label_position}
-        if choice_mask is not None:
-            head_batch["choice_mask"] = choice_mask
-        if choice_tokens is not None:
-            head_batch["choice_tokens"] = choice_tokens
-        if labels is not None and self.frozen and self.frozen.targets_only:
-            head_batch["labels"] = labels  # the head may score the labelled positions only (ptune.frozen)
+        head_batch = self.head_batch(attention_mask, label_position, choice_mask, choice_tokens, labels)
         reads = self.head.read_positions(head_batch) if self.frozen and hasattr(self.head, "read_positions") else None
         decoder = decoder_inputs(self.base, labels, decoder_input_ids)  # {} unless an encoder-decoder base
         hidden = self.hidden_states(input_ids, attention_mask, virtual_index, task_ids, position_ids, reads, **decoder)
@@ -176,6 +177,19 @@ class PtuneModel(nn.Module):
         members = logits.float().view(B, K, *logits.shape[1:])
         mean = members.log_softmax(-1).logsumexp(1) - torch.log(torch.tensor(float(K)))
         return Output(mean, loss, members)
+
+    def head_batch(self, attention_mask: torch.Tensor, label_position: torch.Tensor | None,
+                   choice_mask: torch.Tensor | None = None, choice_tokens: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What a head module reads beside the hidden states (its ``forward(hidden, batch)``)."""
+        batch = {"attention_mask": attention_mask, "label_position": label_position}
+        if choice_mask is not None:
+            batch["choice_mask"] = choice_mask
+        if choice_tokens is not None:
+            batch["choice_tokens"] = choice_tokens
+        if labels is not None and self.frozen and self.frozen.targets_only:
+            batch["labels"] = labels  # the head may score the labelled positions only (ptune.frozen)
+        return batch
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -212,7 +226,8 @@ class PtuneModel(nn.Module):
             if is_encoder_decoder(self.base.config):  # generate() runs the encoder outside forward()
                 handles.append(self.base.get_encoder().register_forward_pre_hook(add_extra, with_kwargs=True))
         try:
-            out = self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+            with self._route(task_ids):
+                out = self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
             # an encoder-decoder returns the decoder's sequences, which open with the decoder start token
             return out[:, 1:] if is_encoder_decoder(self.base.config) else out
         finally:

@@ -23,13 +23,11 @@ from torch import nn
 
 from .assembly import attach_adapter, base_spec_of, build_head, resolve_spec
 from .errors import ConfigError
-from .heads import HeadConfig, head_kind
+from .heads import HeadConfig, HeadKind, head_kind
 from .model import Output, PtuneModel
-from .models import arch_facts
+from .models import arch_facts, fullest_base_kind
 from .spec import MultiTaskSpec, RunSpec
 
-# which transformers class serves several heads at once: an LM class holds the bare backbone too
-BASE_KIND_ORDER = ("backbone", "masked_lm", "causal_lm", "seq2seq_lm")  # seq2seq_lm: never mixed (T5 takes no other head)
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,63 @@ class TaskPart:
     max_length: int | None = None
 
 
-class MultiTaskModel(PtuneModel):
+class MultiHeadModel(PtuneModel):
+    """``base`` + one adapter + ``head``: a ModuleDict of several heads. Every row of a batch names its
+    head (``task_index`` (B,), an index into ``names``): the body runs once for the whole batch through
+    :meth:`PtuneModel.hidden_states` (the adapter's hooks see ``table_ids(task_index)``), and each head
+    scores its own rows. Subclasses: :class:`MultiTaskModel` (one adapter trained on several tasks) and
+    ``ptune.adapter_set.SetModel`` (separately trained adapters, each row through its own)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.head.keys())
+
+    @property
+    def kinds(self) -> tuple[HeadKind, ...]:
+        """The head kind of each head, in ``names`` order."""
+        raise NotImplementedError
+
+    def task_table_ids(self, task_index: torch.Tensor) -> torch.Tensor | None:
+        """What the adapter's hooks get as ``task_ids`` for rows of these heads."""
+        return task_index
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                virtual_index: torch.Tensor | None = None, task_index: torch.Tensor | None = None,
+                labels: Sequence[torch.Tensor | None] | None = None, label_position: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None,
+                choice_tokens: torch.Tensor | None = None, **_: Any) -> Output:
+        """A batch whose rows may belong to different heads (``task_index`` (B,)). ``labels``: per head, the
+        targets of that head's rows in batch order (None for a head with no rows). Returns the per-head
+        logits as a list (None where a head has no rows) and the row-weighted mean loss. A batch of a
+        head whose record is several rows (``choice_mask``) holds that head's rows only."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if task_index is None:
+            raise ConfigError(f"a batch for several heads needs task_index (the head of each row, one of {self.names})")
+        B = input_ids.shape[0]
+        hidden = self.hidden_states(input_ids, attention_mask, virtual_index, self.task_table_ids(task_index),
+                                    position_ids)
+        logits: list[torch.Tensor | None] = []
+        loss = None
+        for t, name in enumerate(self.names):
+            rows = (task_index == t).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                logits.append(None)
+                continue
+            if choice_mask is not None and rows.numel() != B:
+                raise ConfigError(f"head {name!r} scores several rows per record; its rows need a batch of their own")
+            part = self.head_batch(attention_mask[rows], label_position[rows] if label_position is not None else None,
+                                   choice_mask, choice_tokens[rows] if choice_tokens is not None else None)
+            with self._route(task_index[rows]):  # a head on the base's own layers (a verbalizer's LM head)
+                scores = self.head[name](hidden[rows], part)
+            logits.append(scores)
+            if labels is not None and labels[t] is not None:
+                term = self.head[name].loss(scores, labels[t]) * (rows.numel() / B)
+                loss = term if loss is None else loss + term
+        return Output(logits, loss)  # type: ignore[arg-type]
+
+
+class MultiTaskModel(MultiHeadModel):
     """``base`` + one adapter (a prompt table per task, or one shared) + ``head``: a ModuleDict of
     one head per task, keyed by task name."""
 
@@ -56,6 +110,10 @@ class MultiTaskModel(PtuneModel):
     def names(self) -> tuple[str, ...]:
         return self.spec.names
 
+    @property
+    def kinds(self) -> tuple[HeadKind, ...]:
+        return tuple(head_kind(t.head.kind) for t in self.spec.tasks)
+
     def view(self, name: str) -> PtuneModel:
         """The single-task model for ``name`` (shares every module with this one)."""
         self.spec.task(name)  # a clear error for an unknown name
@@ -67,36 +125,11 @@ class MultiTaskModel(PtuneModel):
             v.training = mode
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                virtual_index: torch.Tensor | None = None, task_index: torch.Tensor | None = None,
-                labels: Sequence[torch.Tensor | None] | None = None, label_position: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_: Any) -> Output:
-        """A batch whose rows may belong to different tasks (``task_index`` (B,)). ``labels``: per task,
-        the targets of that task's rows in batch order (None for a task with no rows). Returns the
-        per-task logits as a list (None where a task has no rows) and the row-weighted mean loss."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if task_index is None:
-            raise ConfigError("a multi-task batch needs task_index (the task of each row)")
-        B = input_ids.shape[0]
-        table = torch.tensor(self.spec.prompt_index, device=input_ids.device)[task_index]
-        hidden = self.hidden_states(input_ids, attention_mask, virtual_index,
-                                    None if self.spec.share_prompt else table, position_ids)
-        logits: list[torch.Tensor | None] = []
-        loss = None
-        for t, name in enumerate(self.names):
-            rows = (task_index == t).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                logits.append(None)
-                continue
-            part = {"attention_mask": attention_mask[rows],
-                    "label_position": label_position[rows] if label_position is not None else None}
-            scores = self.head[name](hidden[rows], part)
-            logits.append(scores)
-            if labels is not None and labels[t] is not None:
-                term = self.head[name].loss(scores, labels[t]) * (rows.numel() / B)
-                loss = term if loss is None else loss + term
-        return Output(logits, loss)  # type: ignore[arg-type]
+    def task_table_ids(self, task_index: torch.Tensor) -> torch.Tensor | None:
+        """Each task's prompt table (None: every task shares table 0)."""
+        if self.spec.share_prompt:
+            return None
+        return torch.tensor(self.spec.prompt_index, device=task_index.device)[task_index]
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise ConfigError(f"a multi-task adapter generates through one task's view: "
@@ -105,8 +138,7 @@ class MultiTaskModel(PtuneModel):
 
 def base_kind_for(heads: Sequence[HeadConfig], is_encoder: bool) -> str:
     """The one transformers class that can serve every head (an LM class also gives the bare body)."""
-    kinds = {head_kind(h.kind).base_kind(is_encoder) for h in heads}
-    return max(kinds, key=BASE_KIND_ORDER.index)
+    return fullest_base_kind({head_kind(h.kind).base_kind(is_encoder) for h in heads})
 
 
 def apply_multitask(base: nn.Module, config: Any, parts: Sequence[TaskPart], *, tokenizer: Any = None,
@@ -126,7 +158,7 @@ def apply_multitask(base: nn.Module, config: Any, parts: Sequence[TaskPart], *, 
             raise ConfigError(f"{len(parts)} tasks with a prompt each need num_tasks={len(parts)}, not {tables}")
         index = tuple(range(len(parts)))
     for p in parts:
-        if head_kind(p.head.kind).label_form in ("choice", "span"):  # several rows per record
+        if head_kind(p.head.kind).multi_row:
             raise ConfigError(f"task {p.task.name}: a {p.head.kind} head scores several rows per record and cannot "
                               "share multi-task batches; train it as a task of its own")
     kind = base_kind_for([p.head for p in parts], arch_facts(base).is_encoder)

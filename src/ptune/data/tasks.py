@@ -67,7 +67,7 @@ class Task:
         except ConfigError as e:
             raise ConfigError(f"task {self.name}: {e}") from None
         object.__setattr__(self, "metric", metric.name)
-        if kind.label_form not in ("text", "choice", "span"):  # generated text, choices or answers per record
+        if kind.label_set:  # a closed set of classes or tags (not text, choices or answer spans per record)
             if len(self.labels) < 2:
                 raise ConfigError(f"task {self.name}: give at least two labels (got {list(self.labels)})")
             dup = sorted({x for x in self.labels if self.labels.count(x) > 1})

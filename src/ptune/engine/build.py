@@ -34,8 +34,8 @@ def task_head(cfg: TrainConfig, task: Task) -> HeadConfig:
     """The head for this run: the task's own, or ``--head`` when it answers the same form of label."""
     name = task.head if cfg.head == "auto" else cfg.head
     kind = head_kind(name)
-    if kind.label_form != task.kind.label_form:
-        fits = [k for k, v in HEAD_KINDS.items() if v.label_form == task.kind.label_form]
+    if not kind.fits_labels_of(task.kind):
+        fits = [k for k, v in HEAD_KINDS.items() if v.fits_labels_of(task.kind)]
         raise ConfigError(f"head={name} cannot answer task {task.name} (a {task.head} task); "
                           f"heads that fit it: {', '.join(fits)}")
     return HeadConfig(name, num_labels=len(task.labels), pooling=cfg.pooling, dropout=cfg.head_dropout)
@@ -153,9 +153,9 @@ def attach_frozen_work(model: PtuneModel, cfg: TrainConfig) -> PtuneModel:
 
 
 def check_ensemble(cfg: TrainConfig, head: HeadConfig) -> None:
-    if head.spec.label_form == "text":
+    if head.spec.generates:
         raise ConfigError(f"ensemble averages class or tag probabilities; a {head.kind} head generates text")
-    if head.spec.label_form in ("choice", "span"):
+    if head.spec.multi_row:
         raise ConfigError(f"ensemble repeats every row per member, and a {head.kind} head scores several rows per "
                           "record; train it without --ensemble")
     init = getattr(cfg.method_config(), "init", "random")

@@ -1,4 +1,4 @@
-"""Evaluation and prediction over encoded examples: batching in length order, the head's rows and metrics."""
+"""Evaluation over encoded examples: training batches, the head's metrics (scoring itself: :mod:`ptune.scoring`)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,8 @@ import torch
 
 from ..batching import collate
 from ..data import Task
-from ..encoder_decoder import decoder_inputs
-from ..heads import head_kind
-from ..model import PtuneModel
+from ..scoring import make_batch, score_rows  # noqa: F401  (make_batch: the loop's training batches)
 from .build import Example
-
-
-def batches_in_length_order(examples: list[Example], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].encoded.input_ids))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def make_batch(examples: list[Example], idx: list[int], pad_id: int, device: Any) -> dict[str, torch.Tensor]:
-    rows = [examples[i] for i in idx]
-    targets = [r.target for r in rows] if rows[0].target is not None else None
-    batch = collate([r.encoded for r in rows], pad_id=pad_id, targets=targets)
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def make_multitask_batch(examples: list[Example], idx: list[int], pad_id: int, device: Any,
@@ -53,34 +39,7 @@ def make_multitask_batch(examples: list[Example], idx: list[int], pad_id: int, d
     return batch
 
 
-@torch.no_grad()
-def predict_logits(model: PtuneModel, examples: list[Example], *, batch_size: int, pad_id: int,
-                   device: Any = "cpu", autocast: Any = None, shard: tuple[int, int] = (0, 1),
-                   members: list[dict[int, Any]] | None = None) -> dict[int, Any]:
-    """index -> the head's row for that example (fp32 scores, or what the head keeps); this process's
-    shard of batches. ``members``: for a prompt ensemble, K dicts that receive each member's rows."""
-    kind = head_kind(model.head_config.kind)
-    was_training = model.training
-    model.eval()
-    out: dict[int, Any] = {}
-    rank, world = shard
-    for b, idx in enumerate(batches_in_length_order(examples, batch_size)):
-        if b % world != rank:
-            continue
-        batch = make_batch(examples, idx, pad_id, device)
-        labels = batch.pop("labels", None)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            # a head that can score the labelled positions only gets the labels (ptune.frozen, causal LM)
-            scored = {"labels": labels} if labels is not None and model.frozen and model.frozen.targets_only else {}
-            res = model(**batch, **scored, **decoder_inputs(model.base, labels, None))  # an encoder-decoder reads the target
-        lengths = [len(examples[i].encoded.input_ids) for i in idx]
-        for i, row in zip(idx, kind.rows(res.logits, labels, lengths)):
-            out[i] = row
-        if members is not None and res.members is not None:
-            for k, member in enumerate(members):
-                member.update(zip(idx, kind.rows(res.members[:, k], labels, lengths)))
-    model.train(was_training)
-    return out
+predict_logits = score_rows  # the one scoring path (ptune.scoring), under the name the engine has used
 
 
 def decode_predictions(task: Task, examples: list[Example], rows: dict[int, Any]) -> list[Any]:

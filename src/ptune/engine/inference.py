@@ -17,13 +17,14 @@ from ..data import Task, load_records
 from ..errors import ConfigError, PtuneError
 from ..heads import HEAD_KINDS, head_kind
 from ..model import PtuneModel
-from ..models import load_tokenizer
+from ..models import GENERATIVE_BASE_KINDS, load_tokenizer
 from ..multitask import MultiTaskModel
 from ..spec import MultiTaskSpec
 from .build import (attach_frozen_work, build_model, encode_records, load_task, load_tasks, make_encoder,
                     model_is_encoder, weight_dtype)
 from .config import TrainConfig
-from .evaluate import decode_predictions, main_metric, predict_logits, score
+from ..scoring import score_rows
+from .evaluate import decode_predictions, main_metric, score
 from .precision import bf16_autocast, run_precision
 from .run_dir import read_run_config
 
@@ -98,7 +99,7 @@ class Run:
     def zero_shot(cls, cfg: TrainConfig, log: Any = None) -> "Run":
         """The task's template scored by the frozen LM through a verbalizer; nothing is trained."""
         task, splits = load_task(cfg, need_train=False)
-        untrained = [name for name, k in HEAD_KINDS.items() if not k.new_weights and k.label_form == task.kind.label_form]
+        untrained = [name for name, k in HEAD_KINDS.items() if not k.new_weights and k.fits_labels_of(task.kind)]
         if cfg.head != "auto":
             head = cfg.head
         else:  # the task's own head when it needs no training (probing), else the first that fits its labels
@@ -160,7 +161,7 @@ class Run:
             raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
         examples = encode_records(self.task, self.encoder, records[:limit or None], kind=self.kind)
         members = self._members()
-        rows = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
+        rows = score_rows(self.model, examples, batch_size=self.config.eval_batch_size,
                               pad_id=self.encoder.placeholder_id, autocast=self.autocast, members=members)
         return score(self.task, examples, rows, members)
 
@@ -187,9 +188,9 @@ class Run:
         members = self._members()
         if members is None and vote == "majority":
             raise ConfigError("vote=majority needs a prompt ensemble (a run trained with --ensemble K)")
-        if members is not None and vote == "majority" and self.kind.label_form != "class":
+        if members is not None and vote == "majority" and not self.kind.one_label:
             raise ConfigError(f"vote=majority picks one label per input; a {self.kind.name} head answers per token")
-        rows = predict_logits(self.model, examples, batch_size=self.config.eval_batch_size,
+        rows = score_rows(self.model, examples, batch_size=self.config.eval_batch_size,
                               pad_id=self.encoder.placeholder_id, autocast=self.autocast, members=members)
         preds = decode_predictions(task, examples, rows)
         results = [self.kind.result(task, rec, pred, rows[i]) for i, (rec, pred) in enumerate(zip(records, preds))]
@@ -207,7 +208,7 @@ class Run:
     def generate(self, prompts: list[str], *, max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
         """Continue each prompt with the adapter active (greedy unless ``do_sample=True`` etc.)."""
         self._one_task()
-        if self.model.spec.base.kind not in ("causal_lm", "seq2seq_lm"):
+        if self.model.spec.base.kind not in GENERATIVE_BASE_KINDS:
             raise PtuneError(f"generate needs a run on a causal LM with its LM head (a verbalizer or causal_lm head) "
                              f"or on an encoder-decoder (seq2seq head); this run's base is a "
                              f"{self.model.spec.base.kind.replace('_', ' ')}")

@@ -1,10 +1,11 @@
 """The contract between a method and the model: typed Protocols, and the identity base every adapter extends.
 
-An adapter enters the model at exactly two points of :class:`ptune.PtuneModel`'s forward path:
-``inject`` (fill the virtual-token placeholders of the input embeddings: prompt tuning, P-Tuning)
-and ``attention_kwargs`` (per-layer arguments for the attention function: deep prompts). Methods
-that change weights (LoRA, AdaLoRA, QLoRA, BitFit, full fine-tuning) act inside the base's modules
-and keep both hooks identities. ``trains_base`` says the base's own modules carry trainable weights
+An adapter enters the model at three points of :class:`ptune.PtuneModel`'s forward path:
+``inject`` (fill the virtual-token placeholders of the input embeddings: prompt tuning, P-Tuning),
+``attention_kwargs`` (per-layer arguments for the attention function: deep prompts) and ``route``
+(a context around one body call that tells per-row weight deltas which rows are whose: the mixed
+batches of ``ptune.AdapterSet``). Methods that change weights (LoRA, AdaLoRA, QLoRA, BitFit, full
+fine-tuning) act inside the base's modules and keep all three identities. ``trains_base`` says the base's own modules carry trainable weights
 (so its dropout stays on); ``set_enabled`` switches the method off and on for
 ``PtuneModel.disable_adapter()``. Loop hooks (:class:`TrainingHooks`, AdaLoRA) and
 :class:`PeftExportable` / :class:`ReloadHook` are optional and checked with ``isinstance``.
@@ -12,6 +13,7 @@ and keep both hooks identities. ``trains_base`` says the base's own modules carr
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -26,6 +28,8 @@ class Adapter(Protocol):
                task_ids: torch.Tensor | None) -> torch.Tensor: ...  # (B, T, d) -> (B, T, d)
 
     def attention_kwargs(self, batch_size: int, task_ids: torch.Tensor | None) -> dict[str, Any]: ...
+
+    def route(self, task_ids: torch.Tensor | None) -> AbstractContextManager: ...  # around one body call
 
     def set_enabled(self, enabled: bool) -> None: ...
 
@@ -50,7 +54,7 @@ class ReloadHook(Protocol):
 
 
 class IdentityHooks(nn.Module):
-    """Both hooks identities, nothing to switch off: the base of every adapter."""
+    """Every hook an identity, nothing to switch off: the base of every adapter."""
 
     trains_base = False
     keeps_base_dropout = False  # whether the base's own dropout stays on in training (BitFit, full: their weights train)
@@ -62,5 +66,9 @@ class IdentityHooks(nn.Module):
     def attention_kwargs(self, batch_size: int, task_ids: Any) -> dict[str, Any]:
         return {}
 
+    def route(self, task_ids: Any) -> AbstractContextManager:
+        """Weight deltas that act on some rows only would learn here which rows (per-row LoRA / bias)."""
+        return nullcontext()
+
     def set_enabled(self, enabled: bool) -> None:
-        """Input-side and deep prompts need nothing here: a disabled model skips both hooks."""
+        """Input-side and deep prompts need nothing here: a disabled model skips every hook."""

@@ -34,6 +34,8 @@ from .app import create_app, serve
 from .page import PLAYGROUND  # noqa: F401
 from .schemas import (ERRORS, NAME_RE, AddAdapterRequest, ApiError, ErrorResponse, GenerateRequest,  # noqa: F401
                       GenerateResponse, Generation, Input, Limits, PredictRequest, Prediction, PredictResponse)
-from .service import Adapters, Metrics, Service  # noqa: F401
+from .adapters import Adapters  # noqa: F401
+from .metrics import Metrics  # noqa: F401
+from .service import Service  # noqa: F401
 
 __all__ = ["Adapters", "Limits", "create_app", "serve"]

@@ -19,7 +19,8 @@ from ..errors import ConfigError
 from .page import PLAYGROUND
 from .schemas import (ERRORS, NAME_RE, AddAdapterRequest, ApiError, GenerateRequest, GenerateResponse, Limits,
                       PredictRequest, PredictResponse, _check_rows, _check_text, _record, _validation_message)
-from .service import BATCHING, Adapters, Service
+from .adapters import Adapters
+from .service import BATCHING, Service
 
 # ---------------------------------------------------------------------------------------------- the app
 
