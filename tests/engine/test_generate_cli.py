@@ -28,6 +28,12 @@ def test_causal_lm_run_then_generate(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["generate", str(out), "the capital of france is", "the capital of italy is",
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == first  # greedy: deterministic
+    # predict on a causal-LM run answers by generating, as its head kind says (HeadKind.generates)
+    from ptune.engine import Run
+
+    run = Run(out)
+    got = run.predict(["the capital of france is"])
+    assert got == [{"generated": run.generate(["the capital of france is"], max_new_tokens=run.encoder.max_length)[0]}]
 
 
 def test_plain_text_causal_lm_puts_the_loss_on_every_real_token(tiny_gpt2_dir, tmp_path, tokenizer):
