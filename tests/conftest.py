@@ -14,9 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-VOCAB = 30522
-ARCHS = ("bert", "roberta", "gpt2", "llama", "gemma3")
-DECODERS = ("gpt2", "llama", "gemma3")
+from cases import ARCH_CASES, ARCHS, DECODERS, VOCAB  # noqa: E402, F401  (the one registry of test cases)
 
 
 @pytest.fixture(autouse=True)
@@ -36,27 +34,10 @@ def _one_thread():
 
 
 def tiny_config(arch: str):
-    import transformers as tf
-
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64)
-    if arch == "bert":
-        return tf.BertConfig(**common, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                             attention_probs_dropout_prob=0.0)
-    if arch == "roberta":
-        return tf.RobertaConfig(**common, max_position_embeddings=130, pad_token_id=0,
-                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=101, eos_token_id=102,
-                             pad_token_id=0)
-    if arch == "llama":
-        return tf.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=128,
-                              bos_token_id=101, eos_token_id=102, pad_token_id=0)
-    if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                                   sliding_window=16, bos_token_id=101, eos_token_id=102, pad_token_id=0)
-    raise ValueError(arch)
+    """The tiny random architecture's transformers config (tests/cases.py ARCH_CASES holds the builders)."""
+    if arch not in ARCH_CASES:
+        raise ValueError(arch)
+    return ARCH_CASES[arch].config()
 
 
 def liven(base, gain: float = 8.0):
@@ -98,7 +79,7 @@ def tiny_base(arch: str, kind: str = "backbone", seed: int = 0):
         model = tf.AutoModelForCausalLM.from_config(cfg)
     else:
         raise ValueError(kind)
-    model.config._ptune_source = f"tiny-{arch}"
+    model.config._ptune_source = ARCH_CASES[arch].source or f"tiny-{arch}"
     return model.eval()
 
 

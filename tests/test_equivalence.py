@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import method_config, methods
 from conftest import liven, tiny_base
 
 import ptune
@@ -87,18 +88,13 @@ def test_random_and_vocab_init_match_the_scaled_table():
 
 # ---------------------------------------------------------------- generation
 
-GEN_METHODS = {
-    "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=4),
-    "p_tuning": lambda: ptune.PTuningConfig(template="[P:2] {text} [P:1] then", encoder="lstm"),
-    "p_tuning_v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=3),
-    "prefix_tuning": lambda: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
-}
+GEN_METHODS = methods(lambda c: c.prompts)  # tests/cases.py: weight-side methods change no input or cache
 PROMPTS = ["once upon a time in a small village", "the recipe starts with"]
 NEW = 8
 
 
 def _gen_model(method: str, arch: str, tokenizer):
-    model = ptune.apply(liven(tiny_base(arch, "causal_lm")), GEN_METHODS[method](),
+    model = ptune.apply(liven(tiny_base(arch, "causal_lm")), method_config(method),
                         head=ptune.HeadConfig("causal_lm"), tokenizer=tokenizer).eval()
     return model, ptune.TemplateEncoder(model.template, tokenizer, causal=True)
 
@@ -118,7 +114,7 @@ def _argmax_decode(model, batch, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", list(GEN_METHODS))
+@pytest.mark.parametrize("method", GEN_METHODS)
 def test_generate_equals_step_by_step_argmax(method, arch, tokenizer):
     model, enc = _gen_model(method, arch, tokenizer)
     for prompt in PROMPTS:
@@ -151,7 +147,7 @@ def test_prefix_acts_at_every_generation_step(method, arch, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", list(GEN_METHODS))
+@pytest.mark.parametrize("method", GEN_METHODS)
 def test_left_padded_batch_generates_like_single_rows(method, arch, tokenizer):
     model, enc = _gen_model(method, arch, tokenizer)
     rows = [enc.encode({"text": p}) for p in PROMPTS]
@@ -194,7 +190,7 @@ def test_generate_with_beams_and_task_ids(method, tokenizer):
     """Beam search expands the per-row prompts/prefixes; task ids pick each row's prompt."""
     import dataclasses
 
-    config = dataclasses.replace(GEN_METHODS[method](), num_tasks=2)
+    config = dataclasses.replace(method_config(method), num_tasks=2)
     model = ptune.apply(liven(tiny_base("llama", "causal_lm")), config, head=ptune.HeadConfig("causal_lm"),
                         tokenizer=tokenizer).eval()
     liven(model.adapter)  # sized like trained prompts: near their init (small since issue #15) tasks may not differ

@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, liven, tiny_base
-from test_shared_checks import PLAIN_HEADS
+from cases import ARCH_CASES, ARCHS, HEAD_CASES, TEXTS, VOCAB, method_config, methods
+from conftest import liven, tiny_base
 
 import ptune
 from ptune.batching import collate
@@ -21,67 +21,27 @@ from ptune.models import arch_facts
 
 
 
-INFIX = "[P:2] {field} [P:1] end"  # P-Tuning's own template: virtual tokens around the input and an anchor
-
-METHODS = {
-    "prompt_tuning": lambda tpl: ptune.PromptTuningConfig(num_virtual_tokens=4),
-    "p_tuning-lstm": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="lstm", encoder_hidden_size=8),
-    "p_tuning-mlp-residual-hiddenln": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="mlp",
-                                                                      encoder_hidden_size=16, residual=True,
-                                                                      hidden_layer_norm=True),
-    "p_tuning-none-layernorm": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="none", layer_norm=True),
-    "p_tuning-lstm-residual-layernorm": lambda tpl: ptune.PTuningConfig(template=tpl, encoder="lstm",
-                                                                        residual=True, layer_norm=True),
-    "p_tuning_v2": lambda tpl: ptune.PTuningV2Config(num_virtual_tokens=3),
-    "prefix_tuning": lambda tpl: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
-}
-
-HEADS = PLAIN_HEADS
-
-CASES = [(m, a, h) for a, heads in HEADS.items() for h in heads for m in METHODS]
-
-TEXTS = ["the match ended in a draw", "stir the sauce gently", "a late goal won the cup", "bake the bread"]
-WORDS = [["John", "lives", "in", "Paris"], ["unbelievably", "good", "pasta"], ["the", "team", "won"],
-         ["Kuala", "Lumpur"]]
-TAGS = [[1, 0, 0, 2], [0, 0, 3], [0, 1, 0], [2, 2]]
-TARGETS = [" yes", " no", " yes", " no"]
+# the prompt methods (and P-Tuning's encoder variants) x every tiny architecture x its one-row heads (tests/cases.py)
+METHODS = methods(lambda c: c.prompts, variants=("p_tuning-mlp-residual-hiddenln", "p_tuning-none-layernorm",
+                                                 "p_tuning-lstm-residual-layernorm"))
+CASES = [(m, a, h) for a in ARCHS for h in ARCH_CASES[a].heads for m in METHODS
+         if not ptune.HEAD_KINDS[h].multi_row]
 
 
 def build(method: str, arch: str, head: str, tokenizer, *, num_tasks: int = 1):
     """(model, batch) for one matrix case; the batch has 4 rows of different lengths."""
-    decoder = arch in ("gpt2", "llama", "gemma3")
-    kind = "backbone" if head in ("classification", "tagging") else ("masked_lm" if not decoder else "causal_lm")
-    base = liven(tiny_base(arch, kind))
-    field = "tokens" if head == "tagging" else "text"
-    tpl = INFIX.replace("{field}", "{" + field + "}") + (" {mask}" if head == "verbalizer" else "")
-    config = METHODS[method](tpl)
+    h, decoder = HEAD_CASES[head], ARCH_CASES[arch].decoder
+    base = liven(tiny_base(arch, h.base_kind(decoder)))
+    config = method_config(method, field=h.field, tail=h.tail)
     if num_tasks != 1:
         import dataclasses
 
         config = dataclasses.replace(config, num_tasks=num_tasks)
-    if head == "verbalizer":
-        hc = ptune.HeadConfig("verbalizer", dropout=0.0)
-        model = ptune.apply(base, config, head=hc, tokenizer=tokenizer, labels=["good", "bad"],
-                            template="{text} {mask}")
-    elif head == "causal_lm":
-        model = ptune.apply(base, config, head=ptune.HeadConfig("causal_lm", dropout=0.0), tokenizer=tokenizer)
-    else:
-        n = 4 if head == "tagging" else 2
-        model = ptune.apply(base, config, head=ptune.HeadConfig(head, num_labels=n, dropout=0.0),
-                            tokenizer=tokenizer, template="{" + field + "}")
+    model = ptune.apply(base, config, head=h.head_config(), tokenizer=tokenizer, template=h.template(),
+                        labels=h.labels)
     enc = ptune.TemplateEncoder(model.template, tokenizer, causal=decoder)
-    if head == "tagging":
-        rows = [enc.encode({"tokens": w}, tagging_field="tokens", tags=t) for w, t in zip(WORDS, TAGS)]
-        batch = collate(rows, pad_id=tokenizer.pad_token_id)
-    elif head == "causal_lm":
-        rows = [enc.encode({"text": t}, target=y) for t, y in zip(TEXTS, TARGETS)]
-        batch = collate(rows, pad_id=tokenizer.pad_token_id)
-    else:
-        rows = [enc.encode({"text": t}) for t in TEXTS]
-        batch = collate(rows, pad_id=tokenizer.pad_token_id, targets=[0, 1, 0, 1])
-    return model, batch
-
-
+    rows, targets = h.examples(enc)
+    return model, collate(rows, pad_id=tokenizer.pad_token_id, targets=targets)
 
 
 def expected_trainable(method: str, model) -> int:
@@ -121,8 +81,7 @@ def expected_trainable(method: str, model) -> int:
 
 
 def expected_shape(head: str, batch) -> tuple[int, ...]:
-    B, T = batch["input_ids"].shape
-    return {"classification": (B, 2), "verbalizer": (B, 2), "tagging": (B, T, 4), "causal_lm": (B, T, VOCAB)}[head]
+    return HEAD_CASES[head].shape(*batch["input_ids"].shape)
 
 
 @pytest.mark.parametrize("method, arch, head", CASES, ids=[f"{m}-{a}-{h}" for m, a, h in CASES])

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from cases import method_config, methods
 from conftest import tiny_base
 
 import ptune
@@ -34,16 +35,17 @@ RECORDS = {
              {"text": "terrible service", "label": "bad"}],
 }
 
-CONFIGS = {
-    "prompt_tuning": lambda n: ptune.PromptTuningConfig(num_virtual_tokens=3, num_tasks=n),
-    "p_tuning-shared": lambda n: ptune.PTuningConfig(num_virtual_tokens=3, encoder="mlp", encoder_hidden_size=8,
-                                                     num_tasks=n),
-    "p_tuning-per_task": lambda n: ptune.PTuningConfig(num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8,
-                                                       num_tasks=n, task_encoders="per_task"),
-    "p_tuning_v2": lambda n: ptune.PTuningV2Config(num_virtual_tokens=3, num_tasks=n),
-    "prefix_tuning": lambda n: ptune.PrefixTuningConfig(num_virtual_tokens=2, encoder_hidden_size=8, num_tasks=n),
-    "lora": lambda n: ptune.LoraConfig(r=2),
-}
+# tests/cases.py: methods with a prompt table per task, and the weight-side methods, whose one update all tasks
+# share. A config with its own template (P-Tuning's infix) would give every task one set of fields: P-Tuning
+# runs with its prompts first, one encoder shared by the tasks or one each.
+TABLES = methods(lambda c: c.task_tables and getattr(c.config(), "template", None) is None,
+                 variants=("p_tuning-mlp", "p_tuning-per_task"))
+SHARED = methods(lambda c: c.weight_side and c.base_4bit != "only")
+CONFIGS = TABLES + SHARED
+
+
+def config_for(method: str, n: int):
+    return method_config(method, num_tasks=n) if method in TABLES else method_config(method)
 
 
 def perturb(model, scale=0.3, seed=0):
@@ -61,10 +63,10 @@ def build(method, tokenizer, tasks=(CLS, NER, VERB), share=False):
              "verbalizer": ptune.HeadConfig("verbalizer", dropout=0.0)}
     parts = [TaskPart(t, dataclasses.replace(heads[t.head]), t.template or "{%s}" % t.text_fields[0], 32)
              for t in tasks]
-    n = 1 if share or method == "lora" else len(tasks)
+    shared = share or method in SHARED
+    n = 1 if shared else len(tasks)
     base = tiny_base("bert", "masked_lm" if any(t.head == "verbalizer" for t in tasks) else "backbone")
-    model = apply_multitask(base, CONFIGS[method](n) if method != "lora" else CONFIGS[method](n), parts,
-                            tokenizer=tokenizer, share_prompt=share or method == "lora")
+    model = apply_multitask(base, config_for(method, n), parts, tokenizer=tokenizer, share_prompt=shared)
     perturb(model)
     return model.eval()
 
@@ -85,7 +87,7 @@ def mixed_order(n, seed=0):
     return order
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", CONFIGS)
 def test_mixed_batch_equals_each_task_alone(method, tokenizer):
     model = build(method, tokenizer)
     examples = encoded(model, tokenizer)
@@ -108,7 +110,7 @@ def test_mixed_batch_equals_each_task_alone(method, tokenizer):
                 torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, expected_loss, atol=1e-5, rtol=1e-5)
     # the tasks really differ: the same text through another task's prompt gives other hidden states
-    if method not in ("lora",):
+    if method not in SHARED:
         view0, view1 = model.views[0], model.views[1]
         ids = batch["input_ids"][:1]
         vi = batch["virtual_index"][:1]
@@ -118,8 +120,7 @@ def test_mixed_batch_equals_each_task_alone(method, tokenizer):
         assert not torch.allclose(h0, h1)
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning-shared", "p_tuning-per_task", "p_tuning_v2",
-                                    "prefix_tuning"])
+@pytest.mark.parametrize("method", TABLES)
 def test_every_task_table_gets_gradient_from_its_rows_only(method, tokenizer):
     model = build(method, tokenizer).train()
     examples = encoded(model, tokenizer)

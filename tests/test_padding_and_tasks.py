@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from cases import method_config, methods
 from conftest import liven, tiny_base
 
 import ptune
@@ -16,14 +17,7 @@ from ptune.batching import collate
 
 
 
-METHODS = {
-    "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=4),
-    "p_tuning": lambda: ptune.PTuningConfig(template="[P:2] {text} [P:1] end", encoder="lstm"),
-    "p_tuning-mlp": lambda: ptune.PTuningConfig(template="[P:2] {text} [P:1] end", encoder="mlp",
-                                                residual=True, layer_norm=True),
-    "p_tuning_v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=3),
-    "prefix_tuning": lambda: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
-}
+METHODS = methods(lambda c: c.prompts, variants=("p_tuning-mlp-layernorm",))  # tests/cases.py
 
 SHORT = "a goal"
 LONGER = ["the striker scored a late goal in the final minute of the match",
@@ -35,7 +29,7 @@ LONGER = ["the striker scored a late goal in the final minute of the match",
 def make(method: str, arch: str, tokenizer, head: str = "classification", num_tasks: int = 1):
     decoder = arch != "bert"
     kind = "causal_lm" if head == "causal_lm" else "backbone"
-    config = METHODS[method]()
+    config = method_config(method)
     if num_tasks != 1:
         config = dataclasses.replace(config, num_tasks=num_tasks)
     hc = ptune.HeadConfig(head, num_labels=3, dropout=0.0) if head != "causal_lm" else ptune.HeadConfig("causal_lm")
@@ -44,7 +38,7 @@ def make(method: str, arch: str, tokenizer, head: str = "classification", num_ta
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_padding_invariance(method, arch, tokenizer):
     model, enc = make(method, arch, tokenizer)
     short = enc.encode({"text": SHORT})
@@ -59,7 +53,7 @@ def test_padding_invariance(method, arch, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "p_tuning_v2"])
+@pytest.mark.parametrize("method", METHODS)
 def test_padding_invariance_per_token(method, arch, tokenizer):
     """Tagging logits at the real positions of the short row are unchanged by padding."""
     model, enc = make(method, arch, tokenizer, head="tagging")
@@ -72,7 +66,7 @@ def test_padding_invariance_per_token(method, arch, tokenizer):
     torch.testing.assert_close(batched[:n], alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_padding_invariance_causal_lm(method, tokenizer):
     model, enc = make(method, "llama", tokenizer, head="causal_lm")
     short = enc.encode({"text": SHORT})
@@ -93,7 +87,7 @@ def _distinct_tasks(model) -> None:
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_mixed_task_batch_matches_rows_run_alone(method, arch, tokenizer):
     model, enc = make(method, arch, tokenizer, num_tasks=2)
     _distinct_tasks(model)

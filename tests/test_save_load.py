@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import method_config, methods
 from conftest import liven, tiny_base, tiny_config
 from safetensors.torch import load_file
 
@@ -16,20 +17,16 @@ from ptune.batching import collate
 
 
 
-METHODS = {
-    "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=4),
-    "p_tuning": lambda: ptune.PTuningConfig(template="[P:2] {text} [P:1] end", encoder="lstm", layer_norm=True),
-    "p_tuning-mlp": lambda: ptune.PTuningConfig(num_virtual_tokens=3, encoder="mlp", residual=True),
-    "p_tuning_v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=3),
-    "prefix_tuning": lambda: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
-}
+# the prompt methods, and P-Tuning with a layer-normed LSTM and with a residual MLP (tests/cases.py); the
+# weight-side methods' round trip runs in test_shared_checks.py
+METHODS = methods(lambda c: c.prompts, variants=("p_tuning-lstm-layernorm", "p_tuning-mlp"))
 TEXTS = ["the match ended in a draw", "stir the sauce gently", "a late goal won the cup"]
 
 
 
 
 def make(method: str, arch: str, tokenizer, seed: int = 0):
-    model = ptune.apply(liven(tiny_base(arch, seed=seed)), METHODS[method](), tokenizer=tokenizer,
+    model = ptune.apply(liven(tiny_base(arch, seed=seed)), method_config(method), tokenizer=tokenizer,
                         head=ptune.HeadConfig("classification", num_labels=2, dropout=0.0), labels=["sport", "food"])
     return model
 
@@ -74,7 +71,7 @@ def test_save_load_round_trip(method, arch, tokenizer, tmp_path):
 
 
 def test_folder_holds_safetensors_and_json_only(tokenizer, tmp_path):
-    model = make("p_tuning", "bert", tokenizer)
+    model = make("p_tuning-lstm-layernorm", "bert", tokenizer)
     path = ptune.save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in Path(path).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -90,7 +87,7 @@ def test_folder_holds_safetensors_and_json_only(tokenizer, tmp_path):
 
 
 def test_prompt_encoder_weights_are_saved_not_only_its_output(tokenizer, tmp_path):
-    model = make("p_tuning", "bert", tokenizer)
+    model = make("p_tuning-lstm-layernorm", "bert", tokenizer)
     ptune.save_adapter(model, tmp_path / "a")
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     lstm = model.adapter.encoder.lstm_head
@@ -101,7 +98,7 @@ def test_prompt_encoder_weights_are_saved_not_only_its_output(tokenizer, tmp_pat
     assert tensors["adapter.embedding"].shape == (1, 3, 32)  # the encoder's inputs, for resuming
 
 
-@pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["p_tuning-lstm-layernorm", "prefix_tuning"])
 def test_resume_gives_the_same_next_step(method, tokenizer, tmp_path):
     model = make(method, "bert", tokenizer)
     batch = batch_for(model, tokenizer, "bert")
@@ -198,7 +195,7 @@ def test_export_peft_loads_in_peft_with_same_logits(arch, method, tokenizer, tmp
     so query-to-prefix scores depend on the query's absolute position.)
     """
     peft = pytest.importorskip("peft")
-    model = ptune.apply(_causal_lm(arch), METHODS[method](), head=ptune.HeadConfig("causal_lm"),
+    model = ptune.apply(_causal_lm(arch), method_config(method), head=ptune.HeadConfig("causal_lm"),
                         tokenizer=tokenizer).eval()
     with torch.no_grad():  # trained-looking weights
         for p in model.adapter.parameters():

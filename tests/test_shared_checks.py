@@ -12,7 +12,7 @@ method alike:
   it the adapted outputs come back (full fine-tuning keeps no copy of the original weights, so it
   refuses, with a message saying so).
 
-Adding a method, an architecture or a head adds rows here (``METHODS``, ``HEADS``, ``allowed``).
+Adding a method, an architecture or a head is one row in tests/cases.py; this matrix picks it up.
 """
 
 from __future__ import annotations
@@ -20,122 +20,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
+from cases import ARCH_CASES, HEAD_CASES, METHOD_CASES, fits, method_config, methods
 from conftest import liven, tiny_base, train_steps
 
 import ptune
 from ptune.batching import collate
 from ptune.quantize import quantize_model
 
-METHODS = {
-    "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=3),
-    "p_tuning": lambda: ptune.PTuningConfig(template="[P:2] {field} [P:1] end", encoder="lstm", encoder_hidden_size=8),
-    "p_tuning_v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=3),
-    "prefix_tuning": lambda: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
-    "lora": lambda: ptune.LoraConfig(r=2),
-    "adalora": lambda: ptune.AdaLoraConfig(init_r=3, target_r=2, total_step=10),
-    "bitfit": lambda: ptune.BitFitConfig(),
-    "full": lambda: ptune.FullFinetuneConfig(),
-    "qlora": lambda: ptune.QLoraConfig(r=2),
-}
-PLAIN_HEADS = {  # the heads each tiny architecture can carry (test_methods_matrix.py shares this table)
-    "bert": ("classification", "tagging", "verbalizer"),
-    "roberta": ("classification", "tagging"),
-    "gpt2": ("classification", "tagging", "verbalizer", "causal_lm"),
-    "llama": ("classification", "tagging", "verbalizer", "causal_lm"),
-    "gemma3": ("classification", "tagging", "causal_lm"),
-}
-HEADS = {**PLAIN_HEADS, "llama64": ("classification", "causal_lm")}  # 4-bit cases: whole NF4 blocks wide
-for _arch in ("bert", "gpt2"):  # multiple choice: the body sees one plain row per choice, on an encoder and a decoder
-    HEADS[_arch] = (*HEADS[_arch], "multiple_choice")
-HEADS["gpt2"] = (*HEADS["gpt2"], "multiple_choice_lm")  # choices scored by the causal LM's own log-probs
-for _arch in ("bert", "gpt2"):  # span QA: start / end logits per position of each context window
-    HEADS[_arch] = (*HEADS[_arch], "span_qa")
-MC = {"verbalizer": " {mask}", "multiple_choice": " {choice}", "multiple_choice_lm": " {choice}",
-      "span_qa": " [SEP] {context}"}  # template tails
-QA = [("what happened?", "a draw"), ("stir what?", "the sauce"), ("what won?", "a late goal"), ("why?", None)]
-NO_BIAS = {"llama", "gemma3", "llama64"}  # built without bias terms: BitFit is refused there by design
-
-
-def allowed(method: str, arch: str, quant: str | None) -> bool:
-    if (quant is not None) != (arch == "llama64"):
-        return False  # the 4-bit dimension runs on llama64, the plain one on the tiny zoo
-    if method == "qlora":
-        return quant is not None  # QLoRA is LoRA on a 4-bit base, by definition
-    if method == "full":
-        return quant is None  # 4-bit weights cannot be fine-tuned directly
-    return not (method == "bitfit" and arch in NO_BIAS)
-
-
-CASES = [(m, a, h, q) for a, heads in HEADS.items() for h in heads for m in METHODS for q in (None, "nf4")
-         if allowed(m, a, q)]
-
-TEXTS = ["the match ended in a draw", "stir the sauce gently", "a late goal won the cup", "bake the bread"]
-WORDS = [["John", "lives", "in", "Paris"], ["unbelievably", "good", "pasta"], ["the", "team", "won"],
-         ["Kuala", "Lumpur"]]
-TAGS = [[1, 0, 0, 2], [0, 0, 3], [0, 1, 0], [2, 2]]
-TARGETS = [" yes", " no", " yes", " no"]
-CHOICES = [["yes", "no"], ["salt", "sugar", "flour"], ["won", "lost"], ["bread", "cake", "rice", "soup"]]
+# every trained method x every architecture x every head it carries, plain and on a 4-bit base (tests/cases.py)
+CASES = [(m, a, h, q) for a, arch in ARCH_CASES.items() for h in arch.heads for m in methods()
+         for q in (None, "nf4") if fits(m, a, q)]
 
 
 def make_base(arch: str, kind: str, quant: str | None):
     """A deterministic tiny base: calling it twice gives two identical models."""
-    if arch != "llama64":
-        return liven(tiny_base(arch, kind))
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
-    model = tf.AutoModel.from_config(cfg) if kind == "backbone" else tf.AutoModelForCausalLM.from_config(cfg)
-    model.config._ptune_source = "tiny-llama-64"
-    return quantize_model(liven(model.eval()), quant) if quant else liven(model.eval())
+    base = liven(tiny_base(arch, kind))
+    return quantize_model(base, quant) if quant else base
 
 
 def build(method: str, arch: str, head: str, quant: str | None, tokenizer):
-    """(model, rows, batch, make_fresh_base) for one case; 4 rows of different lengths."""
-    decoder = arch not in ("bert", "roberta")
-    kind = {"classification": "backbone", "tagging": "backbone", "causal_lm": "causal_lm", "multiple_choice": "backbone",
-            "multiple_choice_lm": "causal_lm", "span_qa": "backbone",
-            "verbalizer": "causal_lm" if decoder else "masked_lm"}[head]
-    field = "tokens" if head == "tagging" else "text"
-    config = METHODS[method]()
-    if method == "p_tuning":
-        config = ptune.PTuningConfig(**{**config.__dict__, "template": config.template.replace("{field}", "{%s}" % field)
-                                        + MC.get(head, "")})
-    template = "{%s}" % field + MC.get(head, "")
-    hc = ptune.HeadConfig(head, num_labels={"tagging": 4, "multiple_choice": 1, "multiple_choice_lm": 1}.get(head, 2),
-                          dropout=0.0)
-    model = ptune.apply(make_base(arch, kind, quant), config, head=hc, tokenizer=tokenizer, template=template,
-                        labels=["good", "bad"] if head == "verbalizer" else ())
+    """(model, rows, targets, batch, make_fresh_base) for one case; 4 rows of different lengths."""
+    h, decoder = HEAD_CASES[head], ARCH_CASES[arch].decoder
+    kind = h.base_kind(decoder)
+    config = method_config(method, field=h.field, tail=h.tail)
+    model = ptune.apply(make_base(arch, kind, quant), config, head=h.head_config(), tokenizer=tokenizer,
+                        template=h.template(), labels=h.labels)
     enc = ptune.TemplateEncoder(model.template, tokenizer, causal=decoder)
-    if head == "tagging":
-        rows = [enc.encode({"tokens": w}, tagging_field="tokens", tags=t) for w, t in zip(WORDS, TAGS)]
-        targets = None
-    elif head == "causal_lm":
-        rows = [enc.encode({"text": t}, target=y) for t, y in zip(TEXTS, TARGETS)]
-        targets = None
-    elif head.startswith("multiple_choice"):
-        from ptune.data import Task
-
-        task = Task(name="mc", head=head)
-        rows = [task.kind.encode(task, enc, {"text": t, "choices": c}, False).encoded for t, c in zip(TEXTS, CHOICES)]
-        targets = [0, 2, 1, 3]
-    elif head == "span_qa":  # one window per record here (short contexts)
-        from ptune.data import Task
-
-        task = Task(name="qa", head=head, text_fields=("text", "context"), label_field="answers", allow_no_answer=True)
-        recs = [{"text": q, "context": c, "answers": {"text": [a] if a else [], "answer_start": [c.index(a)] if a else []}}
-                for (q, a), c in zip(QA, TEXTS)]
-        rows = [task.kind.encode(task, enc, r, True).encoded for r in recs]
-        targets = None
-    else:
-        rows = [enc.encode({"text": t}) for t in TEXTS]
-        targets = [0, 1, 0, 1]
+    rows, targets = h.examples(enc)
     batch = collate(rows, pad_id=tokenizer.pad_token_id, targets=targets)
     return model, rows, targets, batch, lambda: make_base(arch, kind, quant)
-
-
-def per_row(logits: torch.Tensor, j: int, n: int) -> torch.Tensor:
-    return logits[j] if logits.dim() == 2 else logits[j, :n]
 
 
 @pytest.mark.parametrize("method, arch, head, quant", CASES,
@@ -146,14 +59,7 @@ def test_shared_checks(method, arch, head, quant, tokenizer, tmp_path):
 
     # forward
     out = model(**batch)
-    B, T = batch["input_ids"].shape
-    width = {"classification": 2, "verbalizer": 2, "tagging": 4, "causal_lm": 30522, "multiple_choice": 4,
-             "multiple_choice_lm": 4, "span_qa": 2}[head]
-    want = (B, width) if head in ("classification", "verbalizer") else (B, T, width)
-    if head.startswith("multiple_choice"):  # one row per choice in the body, one score row per record out of the head
-        want = (len(rows), width)
-    if head == "span_qa":  # windows regrouped per record: (records, most windows, T, start / end)
-        want = (len(rows), 1, T, width)
+    want = HEAD_CASES[head].shape(len(rows), batch["input_ids"].shape[1])
     assert tuple(out.logits.shape) == want and torch.isfinite(out.loss)
 
     # a few steps, then the frozen part of the base is bit-identical
@@ -175,20 +81,17 @@ def test_shared_checks(method, arch, head, quant, tokenizer, tmp_path):
     # padding invariance: each row alone equals its row in the padded batch (a 4-bit base computes in bf16,
     # whose kernels round differently for other shapes)
     tol = 5e-2 if quant else 1e-4
+    h = HEAD_CASES[head]
     with torch.no_grad():
         for j, row in enumerate(rows):
             alone = collate([row], pad_id=tokenizer.pad_token_id, targets=[targets[j]] if targets else None)
             n = len(row.input_ids)
-            got, want_row = per_row(model(**alone).logits, 0, n), per_row(logits, j, n)
-            if head.startswith("multiple_choice"):  # the batch pads the record's score row with -inf choices
-                got, want_row = got[:len(CHOICES[j])], want_row[:len(CHOICES[j])]
-            if head == "span_qa":  # per window, its real positions
-                got, want_row = got[:, :n], want_row[:, :n]
+            got, want_row = h.real(model(**alone).logits[0], j, n), h.real(logits[j], j, n)
             torch.testing.assert_close(got, want_row, atol=tol, rtol=tol)
 
     # disable_adapter(): exactly the untouched base, then the adapter again
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "virtual_index")}
-    if method == "full":
+    if not METHOD_CASES[method].keeps_base:
         with pytest.raises(ptune.ConfigError, match="keeps no copy"):
             with model.disable_adapter():
                 pass
@@ -204,30 +107,57 @@ def test_shared_checks(method, arch, head, quant, tokenizer, tmp_path):
         torch.testing.assert_close(model(**batch).logits, logits)
 
 
-# heads whose base this matrix's tiny zoo does not build, and the file that runs the same checks on theirs
-ELSEWHERE = {"seq2seq": "tests/test_t5.py"}  # an encoder-decoder (T5): forward, base untouched, save/load,
-# padding invariance, disable_adapter() for every method that fits it
+def test_every_method_and_head_has_a_row_and_is_in_the_matrix():
+    """tests/cases.py has a row for every registered method and head kind (a new one fails here until it has
+    its row), the rows' flags say what the library says, and the matrix covers every row."""
+    assert set(METHOD_CASES) == set(ptune.methods.METHODS), "add a MethodCase row in tests/cases.py"
+    assert set(HEAD_CASES) == set(ptune.HEAD_KINDS), "add a HeadCase row in tests/cases.py"
+    for name, h in HEAD_CASES.items():
+        kind = ptune.HEAD_KINDS[name]
+        assert kind.base_kinds[0] == h.base_kind(decoder=False) or h.decoder_only, name
+        assert kind.base_kinds[-1] == h.base_kind(decoder=True), name
+        assert (h.base == "lm") == (set(kind.base_kinds) == {"masked_lm", "causal_lm"}), name
+    for a in ARCH_CASES.values():
+        assert set(a.heads) <= set(HEAD_CASES) and not any(HEAD_CASES[h].elsewhere for h in a.heads), a.name
+        assert a.decoder or not any(HEAD_CASES[h].decoder_only for h in a.heads), a.name
 
-
-def test_every_method_and_head_is_in_the_matrix():
     covered = {(m, h) for m, _, h, _ in CASES}
-    assert {m for m, _ in covered} == set(ptune.methods.METHODS) - {"manual"}
-    assert {h for _, h in covered} == set(ptune.HEAD_KINDS) - set(ELSEWHERE)
+    assert {m for m, _ in covered} == {m for m, c in METHOD_CASES.items() if c.trained}
+    assert {h for _, h in covered} == {h for h, c in HEAD_CASES.items() if not c.elsewhere}
+    assert any(q for *_, q in CASES)
+    # heads whose base the tiny zoo does not build: their file runs the same checks on theirs (T5: forward,
+    # base untouched, save/load, padding invariance, disable_adapter() for every method that fits it)
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for head, path in ELSEWHERE.items():
-        text = (root / path).read_text()
-        assert f'HeadConfig("{head}")' in text and "padded_batch" in text and "disable_adapter" in text, path
-    assert any(q for *_, q in CASES)
+    for head, h in HEAD_CASES.items():
+        if h.elsewhere:
+            text = (root / h.elsewhere).read_text()
+            assert f'HeadConfig("{head}")' in text and "padded_batch" in text and "disable_adapter" in text, h.elsewhere
+            assert "METHOD_CASES" in text or "methods(" in text, f"{h.elsewhere} draws its methods from tests/cases.py"
 
 
 def test_adapters_meet_the_protocol(tokenizer):
-    from ptune.methods.base import Adapter, TrainingHooks
+    """Every method's adapter meets the Adapter protocol, and its row's flags say what the adapter does."""
+    from ptune.methods.base import Adapter, PeftExportable, TrainingHooks
 
-    for method in METHODS:
-        quant = "nf4" if method == "qlora" else None
-        model, *_ = build(method, "llama64" if quant else "bert", "classification", quant, tokenizer)
-        assert isinstance(model.adapter, Adapter)
-        assert isinstance(model.adapter, TrainingHooks) == (method == "adalora")
-        assert model.adapter.trains_base == (method in ("lora", "adalora", "bitfit", "full", "qlora"))
+    for method, case in METHOD_CASES.items():
+        quant = "nf4" if case.base_4bit == "only" else None
+        if not case.trained:  # nothing trained: the hand-written prompt needs a verbalizer
+            model, *_ = build_manual(tokenizer)
+        else:
+            model, *_ = build(method, "llama64" if quant else "bert", "classification", quant, tokenizer)
+        assert isinstance(model.adapter, Adapter), method
+        assert isinstance(model.adapter, TrainingHooks) == case.loop_hooks, method
+        assert model.adapter.trains_base == case.trains_base, method
+        assert isinstance(model.adapter, PeftExportable) == case.peft_exportable, method
+        assert hasattr(model.adapter, "merge") == (case.mergeable or method == "qlora"), method  # QLoRA refuses it
+        assert (model.template.num_virtual_tokens > 0) == case.input_prompts, method
+        assert (model.trainable_parameters()[0] > 0) == case.trained, method
+
+
+def build_manual(tokenizer):
+    h = HEAD_CASES["verbalizer"]
+    model = ptune.apply(make_base("bert", "masked_lm", None), METHOD_CASES["manual"].config(), head=h.head_config(),
+                        tokenizer=tokenizer, template=h.template(), labels=h.labels)
+    return (model,)

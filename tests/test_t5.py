@@ -8,6 +8,7 @@ end-of-sequence token; the models use pad 0 as decoder start (as T5 does) and 10
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import sys
 import pytest
 import torch
 import transformers as tf
+from cases import METHOD_CASES, method_config, methods
 from conftest import liven, train_steps
 
 import ptune
@@ -58,18 +60,14 @@ def t5_dir(tmp_path_factory, tok):
     return str(path)
 
 
-CONFIGS = {
-    "prompt_tuning": lambda: ptune.PromptTuningConfig(num_virtual_tokens=4),
-    "p_tuning": lambda: ptune.PTuningConfig(num_virtual_tokens=3, encoder="mlp"),
-    "p_tuning_v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=3),
-    "prefix_tuning": lambda: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
-    "lora": lambda: ptune.LoraConfig(r=2, alpha=4.0),
-    "full": lambda: ptune.FullFinetuneConfig(),
-}
+CONFIGS = methods(lambda c: c.on_t5)  # tests/cases.py: every method that fits an encoder-decoder
 
 
 def build(method: str, tok, base=None, config=None):
-    model = ptune.apply(base if base is not None else t5_base(), config or CONFIGS[method](),
+    if config is None:
+        config = method_config(method, field="input")
+        config = dataclasses.replace(config, alpha=4.0) if method == "lora" else config
+    model = ptune.apply(base if base is not None else t5_base(), config,
                         head=ptune.HeadConfig("seq2seq"), template="{input}", tokenizer=tok, task=TASK, max_length=16)
     if method == "lora":  # B starts at zero (the base): give the update something to say
         with torch.no_grad():
@@ -96,7 +94,7 @@ def stepwise(model, b, steps: int) -> torch.Tensor:
 
 # 1. the methods ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", CONFIGS)
 def test_method_trains_on_t5_and_switches_off_to_the_base(method, tok):
     model = build(method, tok)
     frozen = {k: v.clone() for k, v in model.base.state_dict().items()}
@@ -106,7 +104,7 @@ def test_method_trains_on_t5_and_switches_off_to_the_base(method, tok):
     out.loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    if method == "full":
+    if not METHOD_CASES[method].keeps_base:
         return  # full fine-tuning keeps no copy of the base to switch back to (refused by design)
     assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in frozen.items() if "lora_" not in k)
     with model.disable_adapter():
@@ -118,7 +116,7 @@ def test_method_trains_on_t5_and_switches_off_to_the_base(method, tok):
     assert not torch.allclose(out.logits, off, atol=1e-3)  # and the method, switched on, changes the output
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", CONFIGS)
 def test_a_row_scores_the_same_alone_and_in_a_padded_batch(method, tok):
     """Padding invariance (the shared matrix's check, which builds no encoder-decoder): inputs and targets
     padded to the batch's longest change nothing at the row's real target positions."""
@@ -249,7 +247,7 @@ def _peft_logits(peft_model, b, dec):
 
 def test_prompt_tuning_matches_peft(tok):
     peft = _peft()
-    model = build("prompt_tuning", tok)
+    model = build("prompt_tuning", tok, config=ptune.PromptTuningConfig(num_virtual_tokens=4))
     plain = dict(tok([a for a, _ in PAIRS], padding=True, return_tensors="pt"))  # [CLS] input [SEP], padded
     B = plain["input_ids"].shape[0]
     b = {"input_ids": torch.cat([torch.zeros(B, 4, dtype=torch.long), plain["input_ids"]], 1),  # PEFT's layout:

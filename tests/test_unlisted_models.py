@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as tf
-from conftest import VOCAB, liven
-from test_shared_checks import METHODS, TARGETS, TEXTS
+from cases import METHOD_CASES, TARGETS, TEXTS, VOCAB, method_config, methods
+from conftest import liven
 from torch import nn
 
 import ptune
@@ -79,7 +79,7 @@ def family_base(family: str, kind: str = "backbone", hidden: int = 32):
 
 def make(method: str, family: str, head: str, tokenizer):
     """(model, batch) for one case: 4 rows of different lengths."""
-    quant = method == "qlora"
+    quant = METHOD_CASES[method].base_4bit == "only"
     kind = {"classification": "backbone", "causal_lm": "causal_lm",
             "verbalizer": "masked_lm" if family in ENCODERS else "causal_lm"}[head]
     base = family_base(family, kind, hidden=64 if quant else 32)  # NF4 quantizes layers 64 inputs wide
@@ -87,10 +87,8 @@ def make(method: str, family: str, head: str, tokenizer):
         from ptune.quantize import quantize_model
 
         base = quantize_model(base, "nf4")
-    config = ptune.ManualConfig() if method == "manual" else METHODS[method]()
     template = "{text}" + (" {mask}" if head == "verbalizer" else "")
-    if method == "p_tuning":
-        config = ptune.PTuningConfig(**{**config.__dict__, "template": config.template.replace("{field}", template)})
+    config = method_config(method, tail=template[len("{text}"):])
     model = ptune.apply(base, config, head=ptune.HeadConfig(head, num_labels=2, dropout=0.0), tokenizer=tokenizer,
                         template=template, labels=["good", "bad"] if head == "verbalizer" else ())
     enc = ptune.TemplateEncoder(model.template, tokenizer, causal=family in DECODERS)
@@ -102,15 +100,16 @@ def make(method: str, family: str, head: str, tokenizer):
 
 
 def refused(method: str, family: str) -> bool:
-    return method in ("p_tuning_v2", "prefix_tuning") and family in NO_PREFIX
+    return METHOD_CASES[method].deep_prompts and family in NO_PREFIX
 
 
 # QLoRA on a 4-bit base (as the shared matrix has it), one head per family; Falcon's FalconLinear layers are
 # not nn.Linear, so quantize_model leaves them unquantized and QLoRA refuses that base (its own check)
-TRAINED = [m for m in METHODS if m != "qlora"]
+TRAINED = methods(lambda c: c.base_4bit != "only")
+ON_4BIT = methods(lambda c: c.base_4bit == "only")
 CASES = ([(m, f, "classification") for f in FAMILIES for m in TRAINED]
          + [(m, f, "causal_lm") for f in DECODERS for m in TRAINED]
-         + [("qlora", f, "classification") for f in FAMILIES if f != "falcon"])
+         + [(m, f, "classification") for f in FAMILIES if f != "falcon" for m in ON_4BIT])
 
 
 @pytest.mark.parametrize("method, family, head", CASES, ids=[f"{m}-{f}-{h}" for m, f, h in CASES])

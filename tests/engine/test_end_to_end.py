@@ -14,22 +14,12 @@ import sys
 
 import pytest
 import transformers as tf
+from cases import METHOD_CASES, methods
 
-METHODS = {
-    "prompt_tuning": ["--num-virtual-tokens", "4"],
-    "p_tuning": ["--template", "[P:2] {text} [P:1] topic", "--encoder", "mlp"],
-    "p_tuning_v2": ["--num-virtual-tokens", "4"],
-    "prefix_tuning": ["--num-virtual-tokens", "4", "--encoder-hidden-size", "16"],
-    "lora": ["--r", "4"],
-    "adalora": ["--init-r", "4", "--target-r", "2"],
-    "bitfit": [],
-    "full": [],
-    "qlora": ["--r", "4"],
-}
-NO_4BIT = {"full"}  # full fine-tuning cannot train 4-bit weights: refused by design
-ONLY_4BIT = {"qlora"}
-CASES = [(m, q) for m in METHODS for q in (None, "nf4")
-         if not (q and m in NO_4BIT) and not (q is None and m in ONLY_4BIT)]
+# every trained method with its `ptune train` options (tests/cases.py), on a plain base and, where the method
+# allows it, a 4-bit one (full fine-tuning cannot train 4-bit weights; QLoRA is LoRA on a 4-bit base)
+CASES = [(m, q) for m in methods() for q in (None, "nf4")
+         if {"no": q is None, "yes": True, "only": q is not None}[METHOD_CASES[m].base_4bit]]
 
 
 def ptune(*args: str) -> str:
@@ -70,7 +60,7 @@ def llama64(tmp_path_factory, tokenizer):
 def train_args(model, toy_task, method, quantize, out, *extra):
     args = ["train", "--model", model, "--task", toy_task["task"], "--train-file", toy_task["train_file"],
             "--validation-file", toy_task["validation_file"], "--test-file", toy_task["test_file"],
-            "--method", method, *METHODS[method], "--max-steps", "3", "--batch-size", "8", "--precision", "fp32",
+            "--method", method, *METHOD_CASES[method].cli, "--max-steps", "3", "--batch-size", "8", "--precision", "fp32",
             "--no-progress", "--output-dir", str(out), *extra]
     return args + (["--quantize", quantize] if quantize else [])
 
