@@ -43,18 +43,19 @@ def find_adapter(path: str | Path) -> tuple[Path, Path | None]:
                      "adapter folder; pass the --output-dir of a completed `ptune train`")
 
 
-def read_tensors(path: str | Path, what: str = "adapter") -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path, what: str = "adapter", fix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or one :class:`PtuneError` line naming the file when it is
-    missing, truncated or garbled (safetensors' own errors say neither which file nor what to do)."""
+    missing, truncated or garbled (safetensors' own errors say neither which file nor what to do).
+    ``fix``: what to do about it (default: save or train it again)."""
     path = Path(path)
     if not path.is_file():
-        raise PtuneError(f"{path} is missing; the {what} is incomplete: save or train it again")
+        raise PtuneError(f"{path} is missing; the {what} is incomplete: {fix or 'save or train it again'}")
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ValueError...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PtuneError(f"{path} is damaged ({reason}); the {what} cannot be read: save or train it again, "
-                         "or copy the file over once more") from None
+        raise PtuneError(f"{path} is damaged ({reason}); the {what} cannot be read: "
+                         f"{fix or 'save or train it again, or copy the file over once more'}") from None
 
 
 def from_spec(spec: Any, base: nn.Module, tokenizer: Any = None) -> PtuneModel:
@@ -153,11 +154,18 @@ def load_adapter(path: str | Path, base: nn.Module | None = None, *, tokenizer: 
     if tokenizer is None and name:
         tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     model = from_spec(spec, base, tokenizer)
-    load_trainable(model, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
+    load_trainable(model, read_tensors(Path(path) / WEIGHTS_NAME), Path(path) / WEIGHTS_NAME)
     return model
 
 
-def load_trainable(model: PtuneModel, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_trainable(model: PtuneModel, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy ``tensors`` (read from ``source``: the safetensors file, or the folder holding
+    ``adapter_model.safetensors``) into ``model``'s trainable parameters. Every tensor is checked before
+    any is copied: a missing or unexpected name, a wrong shape, or a non-float dtype (a damaged file)
+    is refused with one :class:`AdapterMismatchError` line naming the file, and the model is left as it was."""
+    source = Path(source)
+    if source.is_dir() and (source / WEIGHTS_NAME).is_file():
+        source = source / WEIGHTS_NAME  # name the file that holds the tensors, not its folder
     expected = set(model.trainable_state_dict())
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
@@ -165,15 +173,17 @@ def load_trainable(model: PtuneModel, tensors: dict[str, torch.Tensor], source: 
             f"{source} does not fit this {model.method} adapter: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}")
     params = dict(model.named_parameters())
+    for k, v in tensors.items():
+        if v.dtype.is_floating_point != params[k].dtype.is_floating_point or v.dtype.is_complex:
+            raise AdapterMismatchError(f"{source}: {k} holds {v.dtype} values where the model has "
+                                       f"{params[k].dtype}; the file is damaged or not a ptune adapter: "
+                                       "save or train it again")
+        if params[k].shape != v.shape:
+            raise AdapterMismatchError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects "
+                                       f"{tuple(params[k].shape)}; the file is damaged or the adapter was made "
+                                       "with other settings: save or train it again")
     with torch.no_grad():
         for k, v in tensors.items():
-            if params[k].shape != v.shape:
-                raise AdapterMismatchError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects "
-                                           f"{tuple(params[k].shape)}; the adapter was made with other settings")
-            if v.dtype.is_floating_point != params[k].dtype.is_floating_point or v.dtype.is_complex:
-                raise AdapterMismatchError(f"{source}: {k} holds {v.dtype} values where the model has "
-                                           f"{params[k].dtype}; the file is damaged or not a ptune adapter: "
-                                           "save or train it again")
             params[k].copy_(v)
     if isinstance(model.adapter, ReloadHook):  # state derived from the tensors (AdaLoRA's rank pattern)
         model.adapter.after_load()
