@@ -193,6 +193,15 @@ INEXACT = [  # (arch, kind, method config, head, what the warning names)
 ]
 
 
+def test_every_exportable_method_has_an_export_case():
+    """tests/cases.py's PEFT-exportable methods (plain bases; QLoRA's 4-bit cases are below) are each exported
+    here, exactly or with the warning naming PEFT's layout: a new exportable method fails until it has a case."""
+    from cases import methods
+
+    exported = {c.method for _, _, c, *_ in EXACT + INEXACT}
+    assert set(methods(lambda c: c.peft_exportable and c.base_4bit != "only")) <= exported
+
+
 @pytest.mark.parametrize("arch, kind, config, head, named", INEXACT,
                          ids=[f"{a}-{c.method}-{h.kind}" for a, _, c, h, _ in INEXACT])
 def test_peft_layout_differences_warn_with_the_difference_peft_shows(arch, kind, config, head, named, model_dirs,

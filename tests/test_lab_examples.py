@@ -3,6 +3,7 @@ on the packaged MiniLM and BBC News (offline); and the online recipe names its d
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -41,7 +42,11 @@ def test_lab_stages_run_in_order(tmp_path):
     out = finished(trained, "2_train_p_tuning.py")
     assert re.search(r"^trainable parameters +[\d,]+ of [\d,]+ \(\d\.\d{3}%\)$", out, flags=re.M), out
     assert re.search(r"^steps +4 \(32 training examples\)$", out, flags=re.M), out
-    assert re.search(r"^test accuracy +[01]\.\d{4}$", out, flags=re.M), out
+    printed = re.search(r"^test accuracy +([01]\.\d{4})$", out, flags=re.M)
+    assert printed, out
+    stage2 = float(printed.group(1))  # --quick scores the first 24 test records (limit_eval=24)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert stage2 == pytest.approx(summary["test"]["accuracy"], abs=5e-5)  # the run's own number, rounded to 4
     assert (run_dir / "best" / "adapter_config.json").is_file() and (run_dir / "summary.json").is_file()
     assert f"3_inference_compare.py {run_dir}" in out
 
@@ -54,6 +59,8 @@ def test_lab_stages_run_in_order(tmp_path):
                            flags=re.M).group(1))
     gain = float(re.search(r"^gain from the prompts +([+-][01]\.\d{4})$", r.stdout, flags=re.M).group(1))
     assert gain == pytest.approx(tuned - base, abs=1e-4)
+    # stage 3 rebuilds the model from the run folder alone and scores the same 24 records: stage 2's number
+    assert tuned == pytest.approx(stage2, abs=1e-4)
     labelled = re.findall(r"^ *(\w+) \| (\w+) ", r.stdout, flags=re.M)
     assert len(labelled) == 3 and all(a in BBC_LABELS and b in BBC_LABELS for a, b in labelled)
 

@@ -30,6 +30,13 @@ METHODS = {
 }
 
 
+def test_every_prompt_method_has_its_real_model_settings():
+    """Sized for the real MiniLM (not tests/cases.py's tiny rows): a new prompt method fails here until added."""
+    from cases import methods
+
+    assert set(METHODS) == set(methods(lambda c: c.prompts))
+
+
 @pytest.fixture(scope="module")
 def minilm_state():
     base = ptune.load_base("minilm")

@@ -166,9 +166,15 @@ def test_warm_start_reproduces_the_source_before_the_first_step(tiny_model_dir, 
     got = logits_of(fresh, task, tok, splits["test"])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(before, want)
-    # through train(): the run starts where the source ended (its first evaluation is at least as good)
+    # through train(): the run starts where the source ended. Both runs draw the same first batch (same seed,
+    # same data), the source from a fresh init and the warm run from the source's 4 trained steps on this data,
+    # so the warm run's first loss sits below the source's first loss (a warm start that copied nothing, or the
+    # wrong tensors, starts at the source's first loss: the same init)
     s = train(c)
     assert s["steps"] > 0
+    (src_step, src_first), (new_step, new_first) = losses(tmp_path / "src")[0], losses(tmp_path / "new")[0]
+    assert src_step == new_step == 1
+    assert new_first < src_first - 0.01, (src_first, new_first)  # observed: 0.6994 -> 0.6775
 
     # from one task of a multi-task adapter: that task's table fills every table of the new run
     train(cfg(tiny_model_dir, tmp_path / "mt", two_tasks, max_steps=2))
