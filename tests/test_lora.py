@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, liven, tiny_base, tiny_config, train_steps
+from conftest import ARCHS, DECODERS, liven, tiny_base, tiny_config, train_steps
 
 import ptune
 from ptune.batching import collate
@@ -12,7 +12,6 @@ from ptune.errors import ConfigError
 from ptune.methods.lora import LoraLinear, LowRankLayer
 
 TEXTS = ["the team won the match", "simmer the sauce slowly", "a late goal", "bake the bread"]
-DECODERS = ("gpt2", "llama", "gemma3")
 
 
 def classification_batch(model, tok, arch):
