@@ -282,8 +282,10 @@ def test_refused_methods_and_bases(tmp_path, tokenizer, saved):
         s2.add("verb", verb)
     gen = make_adapter(tmp_path / "gen", tokenizer, liven(tiny_base("gpt2", "causal_lm")),
                        ptune.PTuningV2Config(num_virtual_tokens=2), Task("gen", head="causal_lm"), seed=0)
-    with pytest.raises(ptune.ConfigError, match="causal_lm head, which answers through generate"):
-        AdapterSet(liven(tiny_base("gpt2", "causal_lm")), tokenizer).add("gen", gen)
+    s3 = AdapterSet(liven(tiny_base("gpt2", "causal_lm")), tokenizer)
+    s3.add("gen", gen)  # held to generate (aset.generation), not to label
+    with pytest.raises(ptune.DataError, match="row 1 \\(adapter 'gen'\\): a causal_lm adapter answers by generating"):
+        s3.predict([{"adapter": "gen", "text": "hello"}])
     with pytest.raises(ptune.ConfigError, match="already holds an adapter named 'a'"):
         s.add("a", saved[("lora", 0)])
         s.add("a", saved[("lora", 1)])

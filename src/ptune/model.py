@@ -111,12 +111,14 @@ class PtuneModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       virtual_index: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, reads: torch.Tensor | None = None,
-                      decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      decoder_input_ids: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         """The transformer body's last hidden states (B, T, d) with the adapter in place.
 
         ``reads`` (B,): the one position per row the caller will read; with ``self.frozen`` set
         (:class:`ptune.frozen.FrozenWork`) the last layer may then be computed there only (zeros elsewhere).
         ``decoder_input_ids`` (B, Tdec): an encoder-decoder's decoder inputs; its states are the decoder's.
+        ``cache``: a transformers ``Cache`` the body reads past keys / values from and appends these
+        positions' to (decoding, :mod:`ptune.decoding`); ``attention_mask`` then covers the past positions too.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -127,9 +129,10 @@ class PtuneModel(nn.Module):
             if is_encoder_decoder(self.base.config):  # T5: encoder, then decoder (see ptune.encoder_decoder)
                 return encoder_decoder_hidden(self.base, embeds, attention_mask, extra, decoder_input_ids)
             skip = self.frozen.around(input_ids, attention_mask, position_ids, reads) if self.frozen else nullcontext()
+            past = {"past_key_values": cache} if cache is not None else {}
             with skip:
                 out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False, **extra)
+                                    use_cache=cache is not None, **past, **extra)
         return out.last_hidden_state
 
     def table_ids(self, batch_size: int, task_ids: torch.Tensor | None, device: Any) -> torch.Tensor | None:

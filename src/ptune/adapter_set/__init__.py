@@ -15,9 +15,11 @@ whose record is several rows (multiple choice, span QA) are served too, in forwa
 
 Refused, each with a one-line reason: full fine-tuning (it changes every weight of the base, so it
 cannot act on some rows only), multi-task adapters and prompt ensembles (one adapter holding several
-prompt tables: score them with ``Run``), heads that answer by generating (causal LM, seq2seq: ``Run``
-and ``ptune serve``'s generation endpoint), an adapter for another base (fingerprint) or another
-quantization of it, and one that needs the base's LM head when the set's base was loaded without it. The
+prompt tables: score them with ``Run``), a seq2seq (T5) adapter (an encoder-decoder generates one
+request at a time: ``Run``), an adapter for another base (fingerprint) or another quantization of it,
+and one that needs the base's LM head when the set's base was loaded without it. Causal-LM adapters
+are held to generate: ``aset.generation`` decodes their requests (and the bare base's) together, step
+by step (:mod:`.generation`, :mod:`ptune.decoding`); ``predict`` refuses their rows. The
 set scores in fp32 unless every adapter is a run that trained in bf16 (then under bf16 autocast, as
 ``Run`` scores it; ``precision=`` decides otherwise).
 
@@ -40,11 +42,13 @@ from torch import nn
 
 from ..adapter_io import WEIGHTS_NAME, check_fingerprint, find_adapter, load_base_for, read_spec, read_tensors
 from ..data import load_records
+from ..encoder_decoder import SEQ2SEQ_KIND
 from ..errors import AdapterMismatchError, ConfigError, DataError, PtuneError
 from ..heads import Example, head_kind
 from ..methods.low_rank import LowRankLayer, MultiLowRankLayer
 from ..models import fullest_base_kind, load_tokenizer
 from ..scoring import PADDING_WASTE, score_rows
+from .generation import SetGeneration
 from .members import base_kind_of, build_member, check_base, set_module
 from .mixed import Member, SetAdapter, SetModel
 
@@ -78,6 +82,7 @@ class AdapterSet:
         self._members: dict[str, Member] = {}
         self._adapter = SetAdapter(self._members)
         self.model: SetModel | None = None
+        self._generation: SetGeneration | None = None
         self._lock = threading.RLock()
         if base is not None:
             self._use_base(base)
@@ -162,10 +167,10 @@ class AdapterSet:
             if not hasattr(spec, "template") or getattr(spec, "ensemble", 1) != 1:
                 raise ConfigError(f"{where} is a multi-task adapter or a prompt ensemble; an AdapterSet serves "
                                   "single-task adapters, score this one with ptune.engine.Run")
-            if head_kind(spec.head.kind).generates:
-                raise ConfigError(f"{where} has a {spec.head.kind} head, which answers through generate(); an "
-                                  "AdapterSet scores heads that label their inputs: generate with ptune.engine.Run "
-                                  "(ptune serve: POST /v1/generate)")
+            if head_kind(spec.head.kind).generates and spec.base.kind == SEQ2SEQ_KIND:
+                raise ConfigError(f"{where} has a {spec.head.kind} head on an encoder-decoder, which answers "
+                                  "through generate() one request at a time; an AdapterSet decodes causal LMs "
+                                  "together: generate with ptune.engine.Run")
             tensors = read_tensors(adapter_dir / WEIGHTS_NAME)
             if self.model is None:
                 self._load_base(spec)
@@ -215,10 +220,22 @@ class AdapterSet:
         self._members[member.name] = member
         self.model.head[member.name] = member.head  # same order as the members: a row's head is its member's
 
+    @property
+    def generation(self) -> SetGeneration:
+        """The set's generating adapters (and its bare base) decoded together in one running batch."""
+        if self._generation is None:
+            if self.model is None:
+                raise ConfigError("this set holds no base yet: add an adapter first")
+            self._generation = SetGeneration(self)
+        return self._generation
+
     def remove(self, name: str) -> None:
         """Drop an adapter; layers no other adapter needs get their plain form back."""
         with self._lock:
             member = self._member(name)
+            if self._generation is not None and self._generation.decoder.active:
+                raise ConfigError(f"adapter {name!r} cannot be removed while this set is generating (rows are "
+                                  "routed by their adapter's place in the set); try again when the requests finish")
             wrappers = self._adapter.wrappers
             for layer_name in member.branches:
                 wrapper = wrappers[layer_name]
@@ -288,6 +305,9 @@ class AdapterSet:
             rec.pop("text")
             rec.update(m.kind.record_from_text(m.task, text))
         where = f"{where} (adapter {name!r})"
+        if m.kind.generates:
+            raise DataError(f"{where}: a {m.spec.head.kind} adapter answers by generating text; generate with it "
+                            "(AdapterSet.generation, ptune serve: POST /v1/completions)")
         m.task.validate_record(rec, where, allow_unlabeled=True)
         try:
             example = m.kind.encode(m.task, m.encoder, rec, False)

@@ -55,14 +55,15 @@ class Member:
 def member_rows(task_ids: torch.Tensor | None, count: int) -> list[tuple[int, Any]]:
     """(member index, its rows) for each member present in ``task_ids`` (B,): a slice where its rows are
     contiguous (the scorer puts each member's rows side by side), else their indices; None where one
-    member has every row. ``task_ids`` None: every row is member 0 (a set of one)."""
+    member has every row. ``task_ids`` None: every row is member 0 (a set of one). A negative id is a
+    row of no member: the bare base (decoding serves it beside the adapters)."""
     if task_ids is None:
         return [(0, None)] if count else []
     ids = task_ids.tolist()
     if ids and all(i == ids[0] for i in ids):
-        return [(ids[0], None)]
+        return [(ids[0], None)] if ids[0] >= 0 else []
     out = []
-    for t in sorted(set(ids)):
+    for t in sorted(i for i in set(ids) if i >= 0):
         first, last = ids.index(t), len(ids) - 1 - ids[::-1].index(t)
         if last - first + 1 == ids.count(t):
             out.append((t, slice(first, last + 1)))
