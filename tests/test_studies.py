@@ -170,6 +170,27 @@ def test_the_labs_tree_and_complexity():
         ["simple", "medium", "complex"]
 
 
+@pytest.mark.parametrize("head", ["causal_lm", "seq2seq"])
+def test_generation_tasks_get_the_generation_advice(head):
+    """A head that writes its answers (capability ``generates``) gets the generation branch at every model and
+    data size, not the NLU advice its name alone used to miss."""
+    for model_size, data_size in ((22_000_000, 500), (220_000_000, 200_000), (11_000_000_000, 2000)):
+        method, reason = choose_peft_method(head, model_size, data_size)
+        assert (method, reason.split(":")[0]) == ("lora", "generation"), (head, model_size, data_size)
+    assert complexity(head, 0) == "complex"
+
+
+def test_the_labs_tree_reads_head_capabilities():
+    from ptune.heads import HEAD_KINDS
+
+    assert choose_peft_method("span_qa", 22_000_000, 500)[0] == "p_tuning_v2"  # a span, not one label
+    assert choose_peft_method("verbalizer", 22_000_000, 500)[0] == "p_tuning"  # one label, like classification
+    assert choose_peft_method(HEAD_KINDS["tagging"], 22_000_000, 500)[0] == "p_tuning_v2"  # a HeadKind itself
+    assert complexity("multiple_choice_lm", 4) == complexity("span_qa", 0) == "complex"
+    with pytest.raises(ConfigError, match="head kind 'generation'"):  # task types that are no head kind
+        choose_peft_method("generation", 22_000_000, 500)
+
+
 def test_plans_refuse_bad_input():
     assert parse_seeds(3, 13) == (13, 14, 15) and parse_seeds("1,7", 13) == (1, 7)
     for bad in (0, "1,1", "a"):

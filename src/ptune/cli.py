@@ -1,115 +1,53 @@
 """The ``ptune`` command: argument parsing only; every command is one call into the Python API.
 
-Flags are generated from :class:`TrainConfig` and from the method configs (help text from their
-fields' docstrings), so a YAML key, a flag (``--num-virtual-tokens 16``) and the Python field always
-share one name and one description. User mistakes print one
-line (``ptune: error: ...``) and exit with status 2; an interrupted run exits with 130.
+Flags are generated (``ptune.options``) from :class:`TrainConfig`, from the method configs (one group
+per method) and from the server's :class:`~ptune.serve.schemas.Limits`: names, types, defaults and help
+from the fields and their docstrings, so a YAML key, a flag (``--num-virtual-tokens 16``) and the Python
+field always share one name, one type and one description. User mistakes print one line
+(``ptune: error: ...``) and exit with status 2; an interrupted run exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
 
-import yaml
+import transformers
+from accelerate import PartialState
 
-TRAIN_HELP = {
-    "model": "base model: demo name (minilm, gemma), local folder or hub id",
-    "task": "built-in task (bbc, wnut, lama-capital, lama-city-country, lama-continent) or a task YAML file; "
-            "several comma-separated (bbc,wnut) train one multi-task adapter; with a run (eval/predict): one task "
-            "of a multi-task run",
-    "method": "prompt_tuning | p_tuning | p_tuning_v2 | prefix_tuning | lora | adalora | qlora | bitfit | full",
-    "template": "prompt template, e.g. '[P:3] {text} [P:2] capital [P:1] {mask}'",
-    "output_dir": "run directory (config, metrics.jsonl, checkpoints, best adapter)",
-}
+from .adapter_set import predict_mixed
+from .data import load_records
+from .engine import Run, TrainConfig, train
+from .errors import ConfigError, PtuneError, TrainingInterrupted
+from .export import export
+from .options import (add_config_flags, add_field_flag, add_train_options, fields_in_source, flag, methods_named,
+                      train_values)
+from .studies.cli import add_study_parsers
 
-
-def _value(text: str) -> Any:
-    """Parse a flag value: 16 -> int, 5e-3 -> float, true -> bool, [a, b] -> list, else str."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    try:
-        v = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return text if v is None and text not in ("null", "~", "") else v
+LIMITS_SOURCE = Path(__file__).parent / "serve" / "schemas.py"  # Limits, read without importing the serve extra
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Each field's attribute docstring (the string under it), read by docstring_parser: the docs live
-    next to the field once, and --help, the API and the YAML keys share them. Inherited fields too."""
-    import docstring_parser
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes (an unknown flag, a value of the wrong type) are one line too."""
 
-    out: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        for param in docstring_parser.parse_from_object(klass).params:
-            if param.description:
-                out[param.arg_name] = " ".join(param.description.split())
-    return out
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ptune: error: {message} (see {self.prog} --help)\n")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-
-def add_train_options(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """One flag per TrainConfig field (but ``exclude``) and per method option (dest ``method.NAME``)."""
-    from .engine.config import TrainConfig
-    from .methods import METHODS
-
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    notes = _field_docs(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "method_options" or f.name in exclude:
-            continue
-        text = f"{TRAIN_HELP.get(f.name) or notes.get(f.name, '')} (default {f.default})".strip()
-        if isinstance(f.default, bool):
-            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=text)
-        else:
-            p.add_argument(_flag(f.name), dest=f.name, type=_value, default=argparse.SUPPRESS, help=text)
-    group = p.add_argument_group("method options (each applies to the methods that have it)")
-    owners: dict[str, list[str]] = {}
-    docs: dict[str, str] = {}
-    for name, (cls, _) in METHODS.items():
-        comments = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name not in train_fields and f.name != "num_tasks":  # follows from --task a,b / --ensemble
-                owners.setdefault(f.name, []).append(name)
-                docs.setdefault(f.name, comments.get(f.name, ""))
-    for option, methods in owners.items():
-        group.add_argument(_flag(option), dest=f"method.{option}", type=_value, default=argparse.SUPPRESS,
-                           metavar="VALUE", help=f"{docs[option]} [{', '.join(methods)}]".strip())
-
-
-def train_values(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
-    """The TrainConfig values given as flags, method options gathered under ``method_options``."""
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", *skip)}
-    options = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method.")}
-    plain = {k: v for k, v in values.items() if not k.startswith("method.")}
-    return {**plain, "method_options": options}
-
-
-def _train_parser(sub: Any) -> argparse.ArgumentParser:
+def _train_parser(sub: Any, shown: Sequence[str] | None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an adapter (defaults: P-Tuning v2, MiniLM, bbc)",
                        description="Train an adapter. With no arguments: P-Tuning v2 on the packaged MiniLM "
                                    "model and the built-in bbc task.")
     p.add_argument("--config", help="YAML file of options (flags override it)")
-    add_train_options(p)
+    add_train_options(p, shown=shown)
     return p
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .engine import TrainConfig, train
-
     plain = train_values(args)
     options = plain.pop("method_options")
     if args.config:
@@ -117,8 +55,6 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig.from_dict({**plain, "method_options": options})
     summary = train(cfg)
-    from accelerate import PartialState
-
     if not PartialState().is_main_process:  # under accelerate launch the closing lines are said once
         return 0
     key = next(k for k in summary if k.startswith("best_validation_"))
@@ -138,26 +74,14 @@ ZERO_SHOT_FIELDS = ("model", "task", "template", "max_length", "eval_batch_size"
 
 def _zero_shot_options(p: argparse.ArgumentParser) -> None:
     """``run`` or ``--zero-shot`` plus the TrainConfig fields a zero-shot model needs."""
-    from .engine.config import TrainConfig
-
     p.add_argument("run", nargs="?", help="run directory (the --output-dir of ptune train)")
     group = p.add_argument_group("zero-shot: the task's hand-written prompt, nothing trained (instead of RUN)")
     group.add_argument("--zero-shot", action="store_true",
                        help="score the task template's label words with the frozen LM (verbalizer)")
-    notes = _field_docs(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ZERO_SHOT_FIELDS:
-            text = f"{TRAIN_HELP.get(f.name) or notes.get(f.name, '')} (default {f.default})"
-            kind = argparse.BooleanOptionalAction if isinstance(f.default, bool) else "store"
-            extra = {} if kind != "store" else {"type": _value}
-            group.add_argument(_flag(f.name), dest=f"zs.{f.name}", action=kind, default=argparse.SUPPRESS,
-                               help=text, **extra)
+    add_config_flags(group, ZERO_SHOT_FIELDS, dest_prefix="zs.")
 
 
 def _open_run(args: argparse.Namespace) -> Any:
-    from .engine import Run, TrainConfig
-    from .errors import ConfigError
-
     options = {k[3:]: v for k, v in vars(args).items() if k.startswith("zs.")}
     if args.zero_shot == bool(args.run):
         raise ConfigError("give either a run directory or --zero-shot (with --model and --task), not both")
@@ -165,7 +89,7 @@ def _open_run(args: argparse.Namespace) -> Any:
         consent = {k: options.pop(k) for k in RUN_CONSENT if k in options}
         task = options.pop("task", None)  # with a run: one task of a multi-task run
         if options:
-            raise ConfigError(f"{', '.join(_flag(k) for k in options)} only apply with --zero-shot; "
+            raise ConfigError(f"{', '.join(flag(k) for k in options)} only apply with --zero-shot; "
                               "a run keeps the settings it was trained with")
         return Run(args.run, task=task, **consent)
     say = lambda line: print(f"ptune: {line}", file=sys.stderr)  # noqa: E731
@@ -180,9 +104,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .data import load_records
-    from .errors import ConfigError
-
     if args.adapter:  # several runs on one base, each input line naming its adapter
         return _predict_mixed(args)
     if args.input:
@@ -218,9 +139,6 @@ def _print_result(result: dict, as_json: bool, prefix: str = "") -> None:
 
 
 def _predict_mixed(args: argparse.Namespace) -> int:
-    from .adapter_set import predict_mixed
-    from .errors import ConfigError
-
     if args.run or args.text or args.zero_shot or args.file:
         raise ConfigError("with --adapter, give the inputs as --input FILE (each row names its adapter: "
                           '{"adapter": "bbc", "text": "..."}), not a run or texts')
@@ -229,15 +147,13 @@ def _predict_mixed(args: argparse.Namespace) -> int:
     options = {k[3:]: v for k, v in vars(args).items() if k.startswith("zs.")}
     consent = {k: options.pop(k) for k in RUN_CONSENT if k in options}
     if options:
-        raise ConfigError(f"{', '.join(_flag(k) for k in options)} do not apply to --adapter runs")
+        raise ConfigError(f"{', '.join(flag(k) for k in options)} do not apply to --adapter runs")
     for result in predict_mixed(args.adapter, args.input, batch_size=args.batch_size, **consent):
         _print_result(result, args.json, f"{result['adapter']}\t")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .engine import Run
-
     options = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         options.update(temperature=args.temperature, top_p=args.top_p)
@@ -248,8 +164,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
-
     result = export(args.run, args.output, args.format, overwrite=args.overwrite, strict=args.strict,
                     trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, warn=False)
     print(f"ptune: exported {result.format} to {result.path}")
@@ -266,23 +180,46 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-
     try:
         from .serve import serve
     except ImportError as e:
         raise ConfigError(f"ptune serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
                           "pip install 'ptune[serve]' (or ./install.sh serve)") from None
-    options = {k: getattr(args, k) for k in ("max_batch_size", "max_wait_ms", "max_input_chars", "max_rows_per_request",
-                                             "max_new_tokens", "max_queue_rows", "allow_admin", "batching",
-                                             *RUN_CONSENT)}
-    return serve(args.adapters, host=args.host, port=args.port, log_level=args.log_level, **options)
+    limits = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("limit.")}
+    options = {k: getattr(args, k) for k in ("allow_admin", "batching", *RUN_CONSENT)}
+    return serve(args.adapters, host=args.host, port=args.port, log_level=args.log_level, **limits, **options)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptune", description="Parameter-efficient fine-tuning centred on P-Tuning.")
+def _serve_parser(sub: Any) -> argparse.ArgumentParser:
+    sv = sub.add_parser("serve", help="serve runs over HTTP: one base, requests of all adapters batched together",
+                        description="Serve finished runs (or adapter folders) over HTTP on one frozen base: POST "
+                                    "/v1/predict, /v1/generate (causal-LM runs), GET /v1/adapters, /health, /metrics, "
+                                    "a playground at / and the API docs at /docs. Needs the serve extra.")
+    sv.add_argument("adapters", nargs="+", metavar="[NAME=]RUN", help="run directories or adapter folders (named after "
+                    "their folder unless NAME= is given)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    limits = sv.add_argument_group("limits (ptune.serve.Limits)")
+    for f in fields_in_source(LIMITS_SOURCE, "Limits"):
+        add_field_flag(limits, f.name, f.annotation, f.default, f.doc, dest=f"limit.{f.name}", keep_default=True)
+    sv.add_argument("--batching", choices=("mixed", "per-adapter"), default="mixed", help="mixed (default): "
+                    "requests of any adapters share one forward pass; per-adapter: one adapter per forward pass "
+                    "(how a server of one adapter at a time batches; for comparison)")
+    sv.add_argument("--allow-admin", action="store_true", help="allow POST /v1/adapters and DELETE "
+                    "/v1/adapters/NAME (load and unload adapters at run time)")
+    sv.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    sv.add_argument("--trust-remote-code", action="store_true", help="the runs' base was loaded with remote code")
+    sv.add_argument("--allow-pickle", action="store_true", help="the runs' base has pickle weight files")
+    return sv
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ptune`` parser. ``argv``, when given, only shapes the help: a method named there
+    (``--method lora``, ``--methods lora,bitfit``) shows its option group alone; every flag parses either way."""
+    shown = methods_named(argv)
+    parser = Parser(prog="ptune", description="Parameter-efficient fine-tuning centred on P-Tuning.")
     sub = parser.add_subparsers(dest="command")
-    _train_parser(sub).set_defaults(func=_train)
+    _train_parser(sub, shown).set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a finished run (or a zero-shot prompt) on a split or a file",
                        description="Evaluate a finished run, or with --zero-shot the task's hand-written prompt "
                                    "on a frozen LM (e.g. ptune eval --zero-shot --model gemma --task lama-capital).")
@@ -326,48 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--trust-remote-code", action="store_true", help="the run's base was loaded with remote code")
     x.add_argument("--allow-pickle", action="store_true", help="the run's base has pickle weight files")
     x.set_defaults(func=_export)
-    sv = sub.add_parser("serve", help="serve runs over HTTP: one base, requests of all adapters batched together",
-                        description="Serve finished runs (or adapter folders) over HTTP on one frozen base: POST "
-                                    "/v1/predict, /v1/generate (causal-LM runs), GET /v1/adapters, /health, /metrics, "
-                                    "a playground at / and the API docs at /docs. Needs the serve extra.")
-    sv.add_argument("adapters", nargs="+", metavar="[NAME=]RUN", help="run directories or adapter folders (named after "
-                    "their folder unless NAME= is given)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
-    sv.add_argument("--max-batch-size", type=int, default=32, help="most rows in one forward pass (default 32)")
-    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to share its "
-                    "batch (default 10)")
-    sv.add_argument("--batching", choices=("mixed", "per-adapter"), default="mixed", help="mixed (default): "
-                    "requests of any adapters share one forward pass; per-adapter: one adapter per forward pass "
-                    "(how a server of one adapter at a time batches; for comparison)")
-    sv.add_argument("--max-input-chars", type=int, default=10_000, help="most characters per input (default 10000)")
-    sv.add_argument("--max-rows-per-request", type=int, default=64, help="most inputs per request (default 64)")
-    sv.add_argument("--max-new-tokens", type=int, default=256, help="most tokens one generate request may ask for "
-                    "(default 256)")
-    sv.add_argument("--max-queue-rows", type=int, default=4096, help="queued rows beyond which requests get 503 "
-                    "(default 4096)")
-    sv.add_argument("--allow-admin", action="store_true", help="allow POST /v1/adapters and DELETE "
-                    "/v1/adapters/NAME (load and unload adapters at run time)")
-    sv.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
-    sv.add_argument("--trust-remote-code", action="store_true", help="the runs' base was loaded with remote code")
-    sv.add_argument("--allow-pickle", action="store_true", help="the runs' base has pickle weight files")
-    sv.set_defaults(func=_serve)
-    from .studies.cli import add_study_parsers
-
-    add_study_parsers(sub)
+    _serve_parser(sub).set_defaults(func=_serve)
+    add_study_parsers(sub, shown)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import PtuneError, TrainingInterrupted
-
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.config import TrainConfig
 from ..errors import ConfigError
+from ..methods import method_entry
+from ..options import setting_value, train_fields
 
 PLAN_NAME = "study.json"
 KINDS = ("compare", "sweep", "ablate", "probe")
@@ -102,8 +105,6 @@ def split_list(value: Any, what: str) -> list[Any]:
 
 
 def _method_fields(method: str) -> set[str]:
-    from ..methods import method_entry
-
     return {f.name for f in dataclasses.fields(method_entry(method)[0])}
 
 
@@ -119,17 +120,12 @@ def compare_plan(methods: Any, seeds: tuple[int, ...], base: dict[str, Any]) -> 
 
     A method may carry its own settings after colons, ``lora:lr=5e-3:r=16`` (training options such as
     ``lr`` or the method's own options), so each method can run at its own tuned learning rate."""
-    from ..cli import _value
-    from ..engine.config import TrainConfig
-    from ..methods import method_entry
-
     _check_options(base)
     items = split_list(methods, "--methods")
     if len(set(items)) != len(items):
         raise ConfigError(f"--methods lists {items}: each method once")
     shared = dict(base.get("method_options", {}))
     base = {k: v for k, v in base.items() if k not in ("method", "method_options")}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_options"}
     variants, names = [], []
     for item in items:
         name, *settings = [part.strip() for part in item.split(":")]
@@ -146,10 +142,10 @@ def compare_plan(methods: Any, seeds: tuple[int, ...], base: dict[str, Any]) -> 
                 raise ConfigError(f"--methods {item!r}: write settings as METHOD:option=value (e.g. lora:lr=5e-3)")
             if key in ("method", "seed", "output_dir", "task", "resume", "overwrite"):
                 raise ConfigError(f"--methods {item!r}: {key} is set by the study, not per method")
-            if key in train_fields:
-                options[key] = _value(value)
+            if key in train_fields():
+                options[key] = setting_value(key, value, name, f"--methods {item!r}")
             elif key in fields:
-                own[key] = _value(value)
+                own[key] = setting_value(key, value, name, f"--methods {item!r}")
             else:
                 raise ConfigError(f"--methods {item!r}: {key} is neither a training option nor an option of {name}")
         names.append(name)
@@ -162,26 +158,22 @@ def compare_plan(methods: Any, seeds: tuple[int, ...], base: dict[str, Any]) -> 
 
 def sweep_plan(sweep: str, seeds: tuple[int, ...], base: dict[str, Any]) -> Study:
     """``option=v1,v2,...``: one variant per value of a training option or of the method's option."""
-    from ..cli import _value
-    from ..engine.config import TrainConfig
-
     _check_options(base)
     if not isinstance(sweep, str) or "=" not in sweep:
         raise ConfigError(f"--sweep {sweep!r} must look like option=v1,v2 (e.g. num_virtual_tokens=0,5,20)")
     option, _, values = sweep.partition("=")
     option = option.strip().lstrip("-").replace("-", "_")
-    values = [_value(v) for v in split_list(values, f"--sweep {option}")]
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_options"}
     method = base.get("method", TrainConfig.method)
     if option in ("seed", "output_dir", "resume", "overwrite", "task"):
         raise ConfigError(f"--sweep {option}: sweep a training or method option (seeds: --seeds)")
-    if option in train_fields:
-        variants = [Variant(f"{option}={v}", {option: v}) for v in values]
-    elif option in _method_fields(method):
-        variants = [Variant(f"{option}={v}", {}, {option: v}) for v in values]
-    else:
+    if option not in train_fields() and option not in _method_fields(method):
         raise ConfigError(f"--sweep {option}: neither a training option nor an option of method {method} "
                           f"(see ptune train --help)")
+    values = [setting_value(option, v, method, f"--sweep {option}") for v in split_list(values, f"--sweep {option}")]
+    if option in train_fields():
+        variants = [Variant(f"{option}={v}", {option: v}) for v in values]
+    else:
+        variants = [Variant(f"{option}={v}", {}, {option: v}) for v in values]
     if len({v.name for v in variants}) != len(variants):
         raise ConfigError(f"--sweep {sweep}: each value once")
     return Study("sweep", base, tuple(variants), seeds, swept=option)

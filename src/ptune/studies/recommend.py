@@ -11,16 +11,23 @@ winning method (e.g. ``num_virtual_tokens``) sets that option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from ..engine.build import load_tasks, task_head
+from ..engine.config import TrainConfig
 from ..errors import ConfigError
+from ..heads import HeadKind, head_kind
+from ..methods import method_entry
+from ..models import load_base
+from ..options import add_train_options, setting_value, train_values
+from .api import compare
 
 PROBE_METHODS = "p_tuning,prompt_tuning,p_tuning_v2,lora,bitfit"
-PROMPT_METHODS = ("prompt_tuning", "p_tuning", "p_tuning_v2", "prefix_tuning")
 TIE = 0.005
 
 
@@ -33,19 +40,27 @@ LAB_SETTINGS = {
 }
 
 
-def complexity(task_type: str, num_labels: int) -> str:
-    """simple: binary classification; medium: more classes; complex: sequence labelling, QA, generation."""
-    if task_type in ("tagging", "causal_lm", "qa", "span_qa", "multiple_choice"):
+def _kind(head: str | HeadKind) -> HeadKind:
+    return head_kind(head) if isinstance(head, str) else head
+
+
+def complexity(head: str | HeadKind, num_labels: int) -> str:
+    """simple: binary classification; medium: more classes; complex: a label per token or a span (tagging,
+    extractive QA), written text (generation), or several rows per record (multiple choice). ``head``: a
+    head kind or its name (``ptune.heads.HEAD_KINDS``); its capabilities decide, not its name."""
+    kind = _kind(head)
+    if kind.generates or not kind.one_label or kind.multi_row:
         return "complex"
     return "simple" if num_labels <= 2 else "medium"
 
 
-def choose_peft_method(task_type: str, model_size: int, data_size: int) -> tuple[str, str]:
-    """The lab's decision tree: (method, reason). ``model_size`` in parameters, ``data_size`` in
-    training examples. Fixed rules, no measurement."""
-    if task_type in ("causal_lm", "generation"):
+def choose_peft_method(head: str | HeadKind, model_size: int, data_size: int) -> tuple[str, str]:
+    """The lab's decision tree: (method, reason). ``head``: the task's head kind or its name,
+    ``model_size`` in parameters, ``data_size`` in training examples. Fixed rules, no measurement."""
+    kind = _kind(head)
+    if kind.generates:  # causal_lm, seq2seq: the answer is text the model writes
         return "lora", "generation: low-rank updates of the attention weights"
-    if task_type in ("tagging", "qa", "span_qa"):
+    if not kind.one_label:  # a label per token (tagging) or a span of the input (extractive QA)
         return "p_tuning_v2", "sequence labelling / QA needs deep prompts at every scale (P-Tuning v2)"
     if model_size >= 10_000_000_000:
         return "prompt_tuning", "10B+ parameters: input prompts alone match fine-tuning (Lester et al.)"
@@ -86,27 +101,23 @@ def pick(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def _facts(options: dict[str, Any]) -> dict[str, Any]:
-    """Task type, labels, training-set size and the base's parameter count."""
-    from ..engine.build import load_tasks
-    from ..engine.config import TrainConfig
-    from ..models import load_base
-
+    """The run's head kind (``task_type``: the task's own or --head), labels, training-set size and the
+    base's parameter count."""
     cfg = TrainConfig.from_dict({**options, "method": "lora"})
     tasks = load_tasks(cfg)
     if len(tasks) != 1:
         raise ConfigError("recommend answers for one task; give one --task")
     task, records = tasks[0][0], tasks[0][1]
     base = load_base(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    return {"task": task.name, "task_type": task.head, "num_labels": len(task.labels),
+    return {"task": task.name, "task_type": task_head(cfg, task).kind, "num_labels": len(task.labels),
             "train_size": len(records["train"]), "model_parameters": sum(p.numel() for p in base.parameters())}
 
 
 def _variant_method(variant: str) -> dict[str, Any]:
     """A compare row's method and its own settings: ``lora:lr=0.005`` -> lora, {lr: 0.005}."""
-    from ..cli import _value
-
     name, *parts = variant.split(":")
-    return {"method": name, "settings": {k: _value(v) for k, _, v in (p.partition("=") for p in parts)}}
+    return {"method": name, "settings": {k: setting_value(k, v, name, f"variant {variant!r}")
+                                         for k, _, v in (p.partition("=") for p in parts)}}
 
 
 def _rows_from(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
@@ -133,8 +144,6 @@ def _rows_from(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[di
 def recommend(output_dir: str | Path = "runs/recommend", sources: list[str] | None = None,
               budget_minutes: float = 10.0, methods: str = PROBE_METHODS, log: Callable[[str], None] = print,
               **options: Any) -> Recommendation:
-    from . import compare
-
     output_dir = Path(output_dir)
     facts = _facts(options)
     lab_method, lab_reason = choose_peft_method(facts["task_type"], facts["model_parameters"], facts["train_size"])
@@ -167,15 +176,15 @@ def recommend(output_dir: str | Path = "runs/recommend", sources: list[str] | No
             best, _ = pick(own)
             settings[option] = best["value"]
             notes.append(f"{option}={best['value']} from the sweep in {best['source']}")
-    if method in PROMPT_METHODS and "num_virtual_tokens" not in settings:
+    config = method_entry(method)[0]
+    own = {f.name for f in dataclasses.fields(config)}  # the lab's settings go to the methods that have them
+    if "num_virtual_tokens" in own and "num_virtual_tokens" not in settings:
         low, high = lab_settings["num_virtual_tokens"]
         settings["num_virtual_tokens"] = high if level != "simple" else low
         notes.append(f"num_virtual_tokens from the lab's {level}-task range {low}-{high} (not measured here)")
-    if method == "p_tuning" and "encoder_num_layers" not in settings:
+    if "encoder_num_layers" in own and "encoder_num_layers" not in settings:
         settings["encoder_num_layers"] = lab_settings["encoder_num_layers"][0]
-    from ..methods import method_entry
-
-    settings.setdefault("lr", method_entry(method)[0].default_lr)
+    settings.setdefault("lr", config.default_lr)
     score, spread = _score(chosen)
     reason = (f"best measured {chosen['metric']} {score:.4f} ± {spread:.4f}" if chosen is max(rows, key=lambda r: _score(r)[0])
               else f"tied with the best ({', '.join(r['method'] for r in tied)}) and the smallest trainable share "
@@ -228,9 +237,7 @@ def render(rec: Recommendation, facts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_parser(sub: Any) -> None:
-    from ..cli import add_train_options
-
+def add_parser(sub: Any, shown: Sequence[str] | None = None) -> None:
     p = sub.add_parser("recommend", help="recommend a method and settings from measurements (and the lab's tree)",
                        description="Recommend a method and its settings for a task: from earlier studies (--from) or "
                                    "from a short budgeted probe of the candidate methods; prints the evidence and "
@@ -242,13 +249,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--output-dir", dest="study_dir", default="runs/recommend",
                    help="where the probe and recommendation.md/json go (default runs/recommend)")
     add_train_options(p, exclude=("method", "output_dir", "resume", "overwrite", "allow_changes", "progress",
-                                  "max_minutes"))
+                                  "max_minutes"), shown=shown)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import train_values
-
     if not math.isfinite(args.budget_minutes) or args.budget_minutes <= 0:
         raise ConfigError(f"--budget-minutes {args.budget_minutes} must be a positive number")
     options = train_values(args, skip=("sources", "budget_minutes", "methods", "study_dir"))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ..engine.config import TrainConfig
 from ..errors import ConfigError, TrainingInterrupted
 from .plan import Study
 
@@ -47,8 +48,6 @@ def _same_run(run_dir: Path, options: dict[str, Any]) -> None:
     path = run_dir / "config.json"
     if not path.is_file():
         return
-    from ..engine.config import TrainConfig
-
     had = json.loads(path.read_text())
     want = TrainConfig.from_dict(options).to_dict()
     diff = sorted(k for k in want if k not in VOLATILE and had.get(k) != want[k])
@@ -60,8 +59,6 @@ def _same_run(run_dir: Path, options: dict[str, Any]) -> None:
 def run_study(study: Study, output_dir: Path, log: Callable[[str], None] = print,
               extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Train every (variant, seed) not finished yet; returns {"ran": n, "reused": n, "failed": [...]}."""
-    from ..engine.config import TrainConfig
-
     jobs = [(v, s) for v in study.variants for s in study.seeds]
     for v, s in jobs:  # every run's options are valid before anything trains
         TrainConfig.from_dict(study.run_options(output_dir, v, s))
