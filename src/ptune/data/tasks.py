@@ -20,6 +20,7 @@ import yaml
 from ..errors import ConfigError, DataError
 from ..fields import from_values
 from ..heads import HEAD_KINDS, HeadKind, head_kind
+from . import formats
 
 LEGACY_TASK_TYPES = {"classification": "classification", "tagging": "tagging", "causal_lm": "causal_lm"}
 DATA_SPLITS = ("train", "validation", "test")
@@ -44,6 +45,13 @@ class Task:
     doc_stride: int = 0
     max_answer_length: int = 30
     allow_no_answer: bool = False
+    # causal_lm: the records' data format (ptune.data.formats): auto (detected from the fields) | prompt_response
+    # | alpaca | chat | sharegpt | chatglm; the last four are rendered with the tokenizer's chat template
+    format: str = "auto"
+    # causal_lm: tokens the source (prompt, earlier turns) may take, cut from the oldest turn, then from the end of
+    # the last prompt; tokens the target (the last response) may take, a longer one refused (None: max_length rules)
+    max_source_length: int | None = None
+    max_target_length: int | None = None
     description: str = field(default="", compare=False)
     # where the task's data lives when no data file is given: a hub dataset (or a local folder of
     # save_to_disk folders, one per configuration), its configuration, and which of its splits serve as
@@ -90,7 +98,37 @@ class Task:
                 raise ConfigError(f"task {self.name}: {key}={value!r} must be an integer >= {low}")
         if not isinstance(self.allow_no_answer, bool):
             raise ConfigError(f"task {self.name}: allow_no_answer={self.allow_no_answer!r} must be true or false")
+        self._check_format()
         self._check_data_source()
+
+    def _check_format(self) -> None:
+        if self.format not in formats.FORMATS:
+            raise ConfigError(f"task {self.name}: format={self.format!r} is not one of {formats.FORMATS}")
+        if self.format not in ("auto", "prompt_response") and self.head != "causal_lm":
+            raise ConfigError(f"task {self.name}: format={self.format} records train a causal_lm head, not {self.head}")
+        for key in ("max_source_length", "max_target_length"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"task {self.name}: {key}={value!r} must be a positive integer (or unset)")
+
+    @property
+    def own_fields(self) -> tuple[str, ...]:
+        """The fields of the task's own prompt/response form: its text fields and target."""
+        return (*self.text_fields, *((self.target_field,) if self.target_field else ()))
+
+    def record_format(self, rec: dict) -> str:
+        """The record's format: the task's, or with ``auto`` the one its fields show (default prompt_response)."""
+        if self.format != "auto":
+            return self.format
+        return formats.detect(rec, self.own_fields) or "prompt_response"
+
+    def conversation(self, rec: dict, source: str = "record", labelled: bool = True) -> list[dict[str, str]] | None:
+        """The record as chat turns ({role, content}), checked; None for a prompt/response record (template
+        and target, as ever). See :mod:`ptune.data.formats`."""
+        fmt = self.record_format(rec)
+        if fmt not in formats.CHAT_FORMATS:
+            return None
+        return formats.conversation(fmt, rec, source, labelled=labelled, prompt_field=self.text_fields[0])
 
     def _check_data_source(self) -> None:
         for key in ("dataset", "config"):

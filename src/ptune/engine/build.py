@@ -7,18 +7,22 @@ What each head kind means lives in ``ptune.heads``; this module only asks the ta
 from __future__ import annotations
 
 import dataclasses
+import random
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..assembly import apply
 from ..data import Task, load_builtin, load_records
-from ..data.loaders import load_dataset_split
+from ..data.formats import CHAT_FORMATS
+from ..data.loaders import data_format, load_dataset_split
 from ..data.builtin import BUILTIN_TASKS
 from ..attention import use_kernel
 from ..errors import ConfigError, DataError
 from ..frozen import FrozenWork
 from ..heads import HEAD_KINDS, Example, HeadConfig, HeadKind, head_kind
+from ..heads.chat import ChatEncoder
 from ..model import PtuneModel
 from ..models import is_encoder, load_base, load_tokenizer, resolve_model_path
 from ..templates import TemplateEncoder
@@ -50,7 +54,10 @@ def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = Tru
     words whose first tokens collide, or drops them with their records where the task says
     ``label_collisions: drop``; ``log`` receives a line saying what was dropped).
     """
-    if cfg.task in BUILTIN_TASKS:
+    generation = generation_task(cfg, log=log, encoder_model=encoder_model)
+    if generation is not None:
+        task, splits = generation, {}
+    elif cfg.task in BUILTIN_TASKS:
         task, splits = load_builtin(cfg.task, seed=cfg.seed)
     else:
         task = Task.from_yaml(cfg.task)
@@ -65,10 +72,76 @@ def load_task(cfg: TrainConfig, tokenizer: Any = None, *, need_train: bool = Tru
     if need_train and "train" not in splits:
         raise ConfigError(f"task {cfg.task!r} has no training data; pass --train-file (or give the task YAML a "
                           "dataset: and config:)")
+    if generation is not None:
+        splits = hold_out_validation(cfg, splits, log)
+    task = with_data_format(cfg, task, splits)
     if tokenizer is not None:
         encoder = model_is_encoder(cfg) if encoder_model is None else encoder_model
         task, splits = task_head(cfg, task).spec.resolve_labels(task, splits, tokenizer, causal=not encoder, log=log)
     return task, splits
+
+
+GENERATION_FIELDS = {"alpaca": ("instruction", "output"), "chatglm": ("prompt", "response"),
+                     "prompt_response": ("prompt", "response")}  # chat, sharegpt: a generated prompt is "prompt"
+
+
+def generation_task(cfg: TrainConfig, *, log: Any = None, encoder_model: bool | None = None) -> Task | None:
+    """With no --task (the default's name) and a --train-file of generation records (alpaca, chat, sharegpt,
+    ChatGLM, prompt/response; see :mod:`ptune.data.formats`), the causal-LM task those records make;
+    None otherwise (the task is the one named)."""
+    default = TrainConfig.__dataclass_fields__["task"].default
+    if cfg.task != default or not cfg.train_file:
+        return None
+    fmt = data_format(cfg.train_file, split="train")
+    if fmt is None:
+        return None
+    encoder = model_is_encoder(cfg) if encoder_model is None else encoder_model
+    if encoder:
+        raise ConfigError(f"--train-file {cfg.train_file} holds {fmt} records, which train a causal LM; --model "
+                          f"{cfg.model} is an encoder: give a causal LM (e.g. --model gemma)")
+    prompt, target = GENERATION_FIELDS.get(fmt, ("prompt", "response"))
+    task = Task(name=Path(cfg.train_file).stem or "generation", head="causal_lm", text_fields=(prompt,),
+                target_field=target, format=fmt, max_length=512,
+                description=f"{fmt} records of {cfg.train_file}")
+    if log is not None:
+        log(f"{cfg.train_file} holds {fmt} records: training causal-LM task {task.name!r} on them")
+    return task
+
+
+def hold_out_validation(cfg: TrainConfig, splits: dict[str, list[dict]], log: Any = None) -> dict[str, list[dict]]:
+    """A task made from a --train-file alone: without --validation-file, a seeded tenth of the file (at least one
+    record) is held out for validation, the same records at every load of the run (train, eval)."""
+    if "validation" in splits or "train" not in splits:
+        return splits
+    records = splits["train"]
+    if len(records) < 2:
+        raise ConfigError(f"--train-file {cfg.train_file} holds one record; give at least two (one is held out for "
+                          "validation) or pass --validation-file")
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    held = set(order[:max(1, len(records) // 10)])
+    if log is not None:
+        log(f"no --validation-file: {len(held)} of the {len(records)} training records held out for validation "
+            f"(seed {cfg.seed})")
+    return {**splits, "train": [r for i, r in enumerate(records) if i not in held],
+            "validation": [r for i, r in enumerate(records) if i in held]}
+
+
+def with_data_format(cfg: TrainConfig, task: Task, splits: dict[str, list[dict]]) -> Task:
+    """The task with its ``format`` fixed (auto: the training data's, so a saved run renders prompts as it
+    trained) and the run's --max-source-length / --max-target-length."""
+    changes: dict[str, Any] = {}
+    if task.head == "causal_lm" and task.format == "auto" and splits.get("train"):
+        fmt = task.record_format(splits["train"][0])
+        if fmt in CHAT_FORMATS:
+            changes["format"] = fmt
+    for key in ("max_source_length", "max_target_length"):
+        if getattr(cfg, key) is not None:
+            if task.head != "causal_lm":
+                raise ConfigError(f"--{key.replace('_', '-')} bounds a causal_lm task's prompt or response; task "
+                                  f"{task.name} is a {task.head} task (use --max-length)")
+            changes[key] = getattr(cfg, key)
+    return dataclasses.replace(task, **changes) if changes else task
 
 
 def task_config(cfg: TrainConfig, entry: TaskEntry) -> TrainConfig:
@@ -165,8 +238,11 @@ def check_ensemble(cfg: TrainConfig, head: HeadConfig) -> None:
 
 
 def make_encoder(model: PtuneModel, tokenizer: Any, max_length: int | None = None) -> TemplateEncoder:
-    return TemplateEncoder(model.template, tokenizer, max_length=max_length or model.spec.max_length or 128,
-                           causal=model.spec.causal)
+    length = max_length or model.spec.max_length or 128
+    task = model.spec.task
+    if task is not None and getattr(task, "format", "auto") in CHAT_FORMATS:  # prompts rendered as conversations
+        return ChatEncoder(model.template, tokenizer, task, max_length=length, causal=model.spec.causal)
+    return TemplateEncoder(model.template, tokenizer, max_length=length, causal=model.spec.causal)
 
 
 def encode_records(task: Task, encoder: TemplateEncoder, records: list[dict], *, labelled: bool = True,

@@ -82,6 +82,10 @@ class TrainConfig:
     """task template override, e.g. "{text} It is about {mask}." """
     max_length: int | None = None
     """default: the task's"""
+    max_source_length: int | None = None
+    """causal LM: tokens the source may take (the prompt; for conversations every turn before the last response); a longer one is cut: oldest exchange first (a system turn kept), then the end of the last prompt. Default: whatever max_length leaves"""
+    max_target_length: int | None = None
+    """causal LM: tokens the target may take (the last response, its end-of-turn or EOS token included); a record with a longer one is refused, naming it. Default: whatever max_length leaves"""
     epochs: float = 3.0
     """passes over the training data (fractions allowed)"""
     max_steps: int = 0
@@ -183,6 +187,10 @@ class TrainConfig:
             (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "nf4, int8 or unset"),
             (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "stop or skip"),
             (self.max_length is None or self.max_length > 0, "max_length", self.max_length, "a positive integer"),
+            (self.max_source_length is None or self.max_source_length > 0, "max_source_length",
+             self.max_source_length, "a positive integer"),
+            (self.max_target_length is None or self.max_target_length > 0, "max_target_length",
+             self.max_target_length, "a positive integer"),
             (self.head == "auto" or self.head in HEAD_KINDS, "head", self.head,
              f"auto or a head kind: {', '.join(HEAD_KINDS)}"),
             (not (self.overwrite and self.resume), "overwrite", self.overwrite, "not combined with resume"),

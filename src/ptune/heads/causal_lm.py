@@ -1,13 +1,17 @@
 """Causal-LM head: next-token logits over the vocabulary at every position, from the base's LM head.
 
 Training records are prompt/response pairs with the loss on the response only (the task's
-``target_field``), or plain text with the loss on every real token (``target_field: ''``). The
+``target_field``), plain text with the loss on every real token (``target_field: ''``), or
+conversations (alpaca, chat, sharegpt, ChatGLM records: the task's ``format``, see
+:mod:`ptune.data.formats`) rendered with the tokenizer's chat template, the loss on every assistant
+turn (:mod:`ptune.heads.chat`). The
 metrics are the mean token loss and its perplexity over the scored tokens; generation goes through
 ``PtuneModel.generate``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -16,6 +20,7 @@ from torch import nn
 
 from ..errors import DataError
 from .base import Example, HeadBase, LMScores, MetricSpec, check_text_fields, cross_entropy
+from .chat import check_chat_template, encode_conversation
 
 if TYPE_CHECKING:
     from .config import HeadConfig
@@ -45,6 +50,24 @@ class CausalLMModule(nn.Module):
         return cross_entropy(logits[:, :-1], target)
 
 
+def _within_lengths(task: Any, encoder: Any, target: str | None) -> Any:
+    """The encoder for one prompt/response record under the task's ``max_target_length`` (a longer response is
+    refused) and ``max_source_length`` (the prompt's fields are cut, as for ``max_length``, to fit it)."""
+    if task.max_target_length is None and task.max_source_length is None:
+        return encoder  # as ever: max_length alone
+    tok = encoder.tokenizer
+    n_target = 0 if target is None else len(tok(target, add_special_tokens=False)["input_ids"]) + (
+        tok.eos_token_id is not None)
+    if task.max_target_length is not None and n_target > task.max_target_length:
+        raise DataError(f"the response is {n_target} tokens, longer than max_target_length={task.max_target_length} "
+                        "(--max-target-length); raise it or shorten the response")
+    if task.max_source_length is None or task.max_source_length + n_target >= encoder.max_length:
+        return encoder
+    shorter = copy.copy(encoder)
+    shorter.max_length = task.max_source_length + n_target
+    return shorter
+
+
 class CausalLMHead(HeadBase):
     name = "causal_lm"
     label_form = "text"
@@ -68,13 +91,27 @@ class CausalLMHead(HeadBase):
         return CausalLMModule(config, base)
 
     def validate_record(self, task: Any, rec: dict, source: str, allow_unlabeled: bool) -> None:
+        if task.conversation(rec, source, labelled=not allow_unlabeled) is not None:
+            return  # a conversation, checked as it was read
         check_text_fields(task, rec, source)
         if task.target_field and not allow_unlabeled and not isinstance(rec.get(task.target_field), str):
             raise DataError(f"{source}: missing target field {task.target_field!r}")
 
+    def resolve_labels(self, task: Any, splits: dict[str, list[dict]], tokenizer: Any, *, causal: bool,
+                       log: Any = None) -> tuple[Any, dict[str, list[dict]]]:
+        """Conversations need a chat template: refused here, before the model loads, when the tokenizer has none."""
+        for split, records in splits.items():
+            fmt = next((task.record_format(r) for r in records[:1]), None)
+            if fmt is not None and fmt != "prompt_response":
+                check_chat_template(tokenizer, f"the {split} data's {fmt} records (format {fmt})")
+        return task, splits
+
     def encode(self, task: Any, encoder: Any, rec: dict, labelled: bool) -> Example:
+        if task.record_format(rec) != "prompt_response":  # a conversation: the loss on its assistant turns
+            return Example(encode_conversation(encoder, task, rec, labelled), None, rec)
         if task.target_field:  # prompt -> response: the loss falls on the response only
-            enc = encoder.encode(rec, target=rec.get(task.target_field) if labelled else None)
+            target = rec.get(task.target_field) if labelled else None
+            enc = _within_lengths(task, encoder, target).encode(rec, target=target)
         else:  # plain text: every real token after the first is a target
             enc = encoder.encode(rec)
             enc.labels = [t if v < 0 else -100 for t, v in zip(enc.input_ids, enc.virtual_index)]
