@@ -5,69 +5,34 @@ clipping, bf16 autocast where the hardware has it, dynamic padding with length-g
 evaluation every epoch or N steps, early stopping, the best adapter kept by the task metric,
 crash-safe checkpoints and exact resume (model, optimizer, scheduler, RNG and data position).
 Under ``accelerate launch`` each process takes an equal slice of every batch (DDP averages the
-gradients), so a multi-process run follows the single-process one.
+gradients), so a multi-process run follows the single-process one. What the loop starts from
+(accelerator, run directory, model, data, optimizer) is built by :func:`ptune.engine.setup.prepare`;
+what differs between one task and several is :class:`ptune.engine.tasks.RunTasks`'s to know.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
-from contextlib import nullcontext
-from dataclasses import dataclass
 import shutil
 import signal
 import time
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-
-from . import memory
-from ..attention import training_note
 from ..adapter_io import WEIGHTS_NAME, load_trainable, read_tensors, save_adapter
 from ..batching import length_grouped_order
-from ..methods.base import TrainingHooks
-from ..quantize import make_optimizer
 from ..errors import ConfigError, PtuneError, TrainingInterrupted
-from ..data import Task
 from ..heads import Example
-from ..model import PtuneModel
-from ..multitask import MultiTaskModel
-from ..transfer import warm_start
-from .build import build_model, encode_records, load_run_tokenizer, load_tasks, make_encoder, model_is_encoder
+from ..methods.base import TrainingHooks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .evaluate import main_metric, make_batch, make_multitask_batch, predict_logits, score
 from .precision import bf16_autocast, bf16_available, cpu_flags, run_precision  # noqa: F401  (re-exported)
-from .run_dir import RunDirectory
+from .setup import TrainerSetup, prepare
 from .trainer_state import MetricsLog, TrainState
-
-
-def lr_lambda(cfg: TrainConfig, total: int):
-    warmup = int(cfg.warmup_ratio * total)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 1 - progress) if cfg.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def refuse_sharding_without_gpu() -> None:
-    """accelerate shards (FSDP, DeepSpeed) on GPUs only: on a CPU-only machine an FSDP launch config
-    silently becomes plain DDP (checked: the model comes back wrapped in DistributedDataParallel), so
-    say so instead of training under another engine."""
-    for engine, name in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
-            raise ConfigError(f"{name} needs GPUs and this machine has "
-                              "none (accelerate would fall back to plain data parallelism); on CPU run data-parallel "
-                              "with `torchrun --standalone --nproc_per_node N -m ptune.cli train ...`")
 
 
 def peak_rss_mb() -> float:
@@ -84,143 +49,56 @@ def _adapter_hooks(adapter: Any) -> tuple[Callable | None, Callable | None, Call
     return adapter.extra_loss, adapter.after_optimizer_step, adapter.set_total_steps
 
 
-@dataclass
-class TaskData:
-    """One task of the run: its data, the model that answers it (a multi-task model's view), its encoder,
-    where its training examples sit in ``Trainer.train_ex``, and its validation examples."""
-
-    task: Task
-    splits: dict[str, list[dict]]
-    model: PtuneModel
-    encoder: Any
-    train_start: int
-    train_size: int
-    val: list[Example]
-    test: list[Example] | None = None  # encoded on first use
-
-
 class Trainer:
-    """One training run, in the order ``train`` calls its steps: construction sets up (accelerator,
-    run directory, task, model, data, optimizer), then ``resume``, ``fit``, ``finish``."""
+    """One training run, in the order ``train`` calls its steps: ``resume``, ``fit``, ``finish``.
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    It starts from a :class:`TrainerSetup` (``prepare(cfg)`` builds one when none is given) and keeps
+    these attributes, all set here:
+
+    - from the set-up, fixed for the run: ``acc``, ``precision``, ``directory``, ``tasks``, ``model``
+      (as accelerate wrapped it), ``inner`` (the model under the wrapper), ``params``, ``optimizer``,
+      ``scheduler``, ``total`` (steps); ``train_ex`` and ``lengths`` are the tasks' training examples
+      and their token counts;
+    - the adapter's loop hooks (None without them): ``extra_loss``, ``after_step``;
+    - where the run stands: ``state`` (what a checkpoint saves), ``log`` (metrics.jsonl, opened by
+      ``resume``), ``checkpointed_step`` (the step the last checkpoint holds, None before any);
+    - this session's progress, reset by ``fit``: ``t0`` (its start), ``seen`` (examples trained on),
+      ``running`` (losses since the last log line), ``bar`` (the progress bar, or None),
+      ``interrupted`` (Ctrl-C received), ``out_of_time`` (--max-minutes spent), ``evaluated_at`` (the
+      step of the last evaluation).
+    """
+
+    def __init__(self, cfg: TrainConfig, setup: TrainerSetup | None = None) -> None:
+        s = prepare(cfg) if setup is None else setup
         self.cfg = cfg
-        memory.keep_freed_memory()  # each step reuses the last one's pages (engine/memory.py)
-        self._start_accelerator()
-        try:
-            self._load_task_model_and_data()
-            self._make_optimizer()
-        except BaseException:  # refused while setting up (bad data, a model that will not load): leave nothing
-            self.directory.close(discard=self.directory.created)
-            raise
+        self.acc, self.precision, self.directory, self.tasks = s.acc, s.precision, s.directory, s.tasks
+        self.model, self.inner, self.params = s.model, s.inner, s.params
+        self.optimizer, self.scheduler, self.total = s.optimizer, s.scheduler, s.total
+        self.train_ex: list[Example] = s.tasks.train_ex
+        self.lengths: list[int] = s.tasks.lengths
+        self.extra_loss, self.after_step, _ = _adapter_hooks(s.inner.adapter)
         self.state = TrainState()
+        self.log: MetricsLog | None = None
+        self.checkpointed_step: int | None = None
+        self.t0, self.seen, self.running = time.perf_counter(), 0, []
+        self.bar: Any = None
+        self.interrupted = self.out_of_time = False
+        self.evaluated_at: int | None = None
 
-    def _start_accelerator(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
 
-        cfg = self.cfg
-        refuse_sharding_without_gpu()
-        self.precision = run_precision(cfg)
-        # a second train() in one process (notebooks, tests) may ask for another precision; accelerate
-        # keeps one global state, so start it afresh (the process group, if any, is kept)
-        AcceleratorState._reset_state(reset_partial_state=False)
-        # a multi-task batch may hold no row of some task: its head then gets no gradient on that step
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.multi_task else []
-        self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
-                               kwargs_handlers=handlers)
-        self.is_main = self.acc.is_main_process
-        self.directory = RunDirectory(cfg, self.is_main).open()  # locked until train() returns
-        self.run_dir = self.directory.path
-        self.acc.wait_for_everyone()
-
-    def _load_task_model_and_data(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        tokenizer = load_run_tokenizer(cfg)
-        say = (lambda line: print(f"ptune: {line}", flush=True)) if cfg.progress and self.is_main else None
-        encoder = model_is_encoder(cfg)  # read once: it decides label words and which class loads the base
-        loaded = load_tasks(cfg, tokenizer, log=say, encoder_model=encoder)
-        multi = len(loaded) > 1
-        for task, splits in loaded:
-            if "validation" not in splits:
-                where = " (in its task entry)" if multi else ""
-                raise ConfigError(f"task {task.name} has no validation data; pass --validation-file{where}")
-        tasks = [t for t, _ in loaded]
-        if multi:
-            lower = [t.name for t in tasks if not main_metric(t)[1]]
-            if lower:
-                raise ConfigError(f"a multi-task run keeps the adapter with the best mean of its tasks' main metrics, "
-                                  f"which must all be higher-is-better; {', '.join(lower)} are not (train them alone)")
-        self.model = build_model(cfg, tasks if multi else tasks[0], tokenizer, encoder_model=encoder)
-        if cfg.init_from:
-            note = (lambda line: print(f"ptune: {line}", flush=True)) if self.is_main else None
-            warm_start(self.model, cfg.init_from, cfg.init_task, log=note)
-        views = self.model.views if isinstance(self.model, MultiTaskModel) else [self.model]
-        self.parts: list[TaskData] = []
-        self.train_ex = []
-        for t, ((task, splits), view) in enumerate(zip(loaded, views)):
-            enc = make_encoder(view, tokenizer, cfg.max_length or task.max_length)
-            train = encode_records(task, enc, splits["train"][:cfg.limit_train or None])
-            for ex in train:
-                ex.task = t
-            val = encode_records(task, enc, splits["validation"][:cfg.limit_eval or None])
-            self.parts.append(TaskData(task, splits, view, enc, len(self.train_ex), len(train), val))
-            self.train_ex.extend(train)
-        first = self.parts[0]  # the single-task names the rest of the loop reads
-        self.task, self.splits, self.encoder, self.val_ex = first.task, first.splits, first.encoder, first.val
-        self.pad_id = self.encoder.placeholder_id
-        if self.is_main:
-            self.directory.write_record()
-            templates = "; ".join(f"{p.task.name} template {p.model.template.source!r}" if multi
-                                  else f"template {p.model.template.source!r}" for p in self.parts)
-            print(f"ptune: {self.model.describe()}; {templates}; {len(self.train_ex)} train / "
-                  f"{sum(len(p.val) for p in self.parts)} validation examples; precision {self.precision}"
-                  f"{training_note(self.model.base, self.precision, self.acc.device.type)}", flush=True)
-            if self.model.frozen is not None:
-                print(f"ptune: skipped work: {self.model.frozen.describe()}", flush=True)
-            if self.acc.num_processes > 1:
-                print(f"ptune: {self.acc.num_processes} processes ({self.acc.distributed_type.value}), each takes an "
-                      "equal slice of every batch", flush=True)
+    @property
+    def run_dir(self) -> Path:
+        return self.directory.path
 
     def epoch_pool(self, epoch: int) -> list[int]:
-        """The training examples of one epoch (indices into ``train_ex``). One task: each once. Several:
-        task t gets N * p_t draws, p_t proportional to (weight_t * n_t) ** (1 / task_temperature), N the
-        examples of all tasks (each task's examples cycled in a seeded order)."""
-        if len(self.parts) == 1:
-            return list(range(len(self.train_ex)))
-        cfg = self.cfg
-        weights = [e.weight for e in cfg.task_entries()]
-        mass = [(w * p.train_size) ** (1 / cfg.task_temperature) for w, p in zip(weights, self.parts)]
-        total = sum(p.train_size for p in self.parts)
-        rng = random.Random(cfg.seed * 100003 + epoch)
-        pool: list[int] = []
-        for p, m in zip(self.parts, mass):
-            draws = max(1, round(total * m / sum(mass)))
-            while draws > 0:
-                perm = list(range(p.train_start, p.train_start + p.train_size))
-                rng.shuffle(perm)
-                pool.extend(perm[:draws])
-                draws -= len(perm)
-        return pool
+        """The training examples of one epoch (indices into ``train_ex``): :meth:`RunTasks.epoch_pool`."""
+        return self.tasks.epoch_pool(epoch)
 
     def make_train_batch(self, rows: list[int]) -> dict[str, Any]:
-        if len(self.parts) > 1:
-            return make_multitask_batch(self.train_ex, rows, self.pad_id, self.acc.device, len(self.parts))
-        return make_batch(self.train_ex, rows, self.pad_id, self.acc.device)
-
-    def _make_optimizer(self) -> None:
-        cfg = self.cfg
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(self.params, cfg.learning_rate, cfg.weight_decay)
-        self.lengths = [len(e.encoded.input_ids) for e in self.train_ex]
-        steps_per_epoch = max(1, math.ceil(len(self.epoch_pool(0)) / cfg.batch_size) // cfg.grad_accum)
-        self.total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total))
-        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
-        self.inner = self.acc.unwrap_model(self.model)  # the PtuneModel under any DDP wrapper
-        self.metric_key, self.higher = ("mean_score", True) if len(self.parts) > 1 else main_metric(self.task)
+        return self.tasks.make_batch(rows, self.acc.device)
 
     def resume(self) -> None:
         """With --resume, restore from the latest checkpoint; open metrics.jsonl (trimmed to match)."""
@@ -237,9 +115,8 @@ class Trainer:
     def fit(self) -> None:
         """Epochs until the step budget or early stopping; Ctrl-C checkpoints, then TrainingInterrupted."""
         cfg = self.cfg
-        self.extra_loss, self.after_step, set_total_steps = _adapter_hooks(self.inner.adapter)
-        if set_total_steps is not None:
-            set_total_steps(self.total)
+        if isinstance(self.inner.adapter, TrainingHooks):  # AdaLoRA: its rank schedule spans the run
+            self.inner.adapter.set_total_steps(self.total)
         # the handler only raises a flag: the loop checkpoints at the end of the step, then stops
         self.interrupted = False
         previous = signal.getsignal(signal.SIGINT)
@@ -324,11 +201,12 @@ class Trainer:
                 loss = self.model(**batch).loss
                 if self.extra_loss is not None:
                     loss = loss + self.extra_loss()
-            if not self._finite_everywhere(loss):  # decided together: every process stops or skips alike
+            bad = self._non_finite_anywhere(loss)  # decided together: every process stops or skips alike
+            if bad is not None:
                 self.optimizer.zero_grad(set_to_none=True)
                 if cfg.nan_policy == "stop":
                     raise PtuneError(
-                        f"loss became {self._bad_loss} at step {st.step} (epoch {st.epoch}); stopped. "
+                        f"loss became {bad} at step {st.step} (epoch {st.epoch}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}; lower --lr, or pass "
                         "--nan-policy skip to skip such batches")
                 st.skipped_batches += 1
@@ -346,18 +224,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses)
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every process. Under DDP one process skipping a batch (or
-        stopping) while another goes on to backward() would desynchronise the gradient all-reduce, so
-        the decision is reduced across processes first (one small all-reduce per micro-batch)."""
+    def _non_finite_anywhere(self, loss: torch.Tensor) -> str | None:
+        """None when the loss is finite on every process, else what it became. Under DDP one process
+        skipping a batch (or stopping) while another goes on to backward() would desynchronise the
+        gradient all-reduce, so the decision is reduced across processes first (one small all-reduce per
+        micro-batch)."""
         finite = torch.isfinite(loss.detach()).float().reshape(1)
-        self._bad_loss = float(loss.detach())
         if self.acc.num_processes > 1:
             ok = self.acc.reduce(finite.to(self.acc.device), reduction="sum")
-            if ok.item() < self.acc.num_processes and bool(finite.item()):
-                self._bad_loss = "non-finite on another process"
-            return ok.item() == self.acc.num_processes
-        return bool(finite.item())
+            if ok.item() == self.acc.num_processes:
+                return None
+            return str(float(loss.detach())) if not bool(finite.item()) else "non-finite on another process"
+        return None if bool(finite.item()) else str(float(loss.detach()))
 
     def _log_step(self, loss: float) -> None:
         self.running.append(loss)
@@ -369,48 +247,10 @@ class Trainer:
                            lr=self.scheduler.get_last_lr()[0])
             self.running = []
 
-    def score_part(self, part: "TaskData", examples: list[Example]) -> dict[str, float]:
-        """One task's metrics on ``examples``; each process predicts its share, gathered before scoring. A
-        prompt ensemble adds each member's main metric (``member_k_<metric>``)."""
-        acc = self.acc
-        K = part.model.spec.ensemble
-        members: list[dict[int, Any]] | None = [{} for _ in range(K)] if K > 1 else None
-        logits = predict_logits(part.model, examples, batch_size=self.cfg.eval_batch_size, pad_id=self.pad_id,
-                                device=acc.device, autocast=acc.autocast, shard=(acc.process_index, acc.num_processes),
-                                members=members)
-        if acc.num_processes > 1:
-            merged: dict = {}
-            merged_members: list[dict] = [{} for _ in range(K)]
-            for rows, member_rows in acc.gather_for_metrics([(logits, members)], use_gather_object=True):
-                merged.update(rows)
-                for into, got in zip(merged_members, member_rows or []):
-                    into.update(got)
-            logits, members = merged, (merged_members if members is not None else None)
-        return score(part.task, examples, logits, members)
-
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Metrics of every task on a split (several tasks: ``task/metric`` and ``mean_score``, the mean of
-        the tasks' main metrics)."""
-        if len(self.parts) == 1:
-            part = self.parts[0]
-            return self.score_part(part, part.val if split == "validation" else self.test_examples(part))
-        metrics: dict[str, float] = {}
-        mains = []
-        for part in self.parts:
-            examples = part.val if split == "validation" else self.test_examples(part)
-            if not examples:
-                continue
-            got = self.score_part(part, examples)
-            metrics.update({f"{part.task.name}/{k}": v for k, v in got.items()})
-            mains.append(got[main_metric(part.task)[0]])
-        metrics["mean_score"] = sum(mains) / len(mains)
-        return metrics
-
-    def test_examples(self, part: "TaskData") -> list[Example]:
-        if part.test is None:
-            records = part.splits.get("test", [])[:self.cfg.limit_eval or None]
-            part.test = encode_records(part.task, part.encoder, records)
-        return part.test
+        the tasks' main metrics); each process predicts its share of the examples."""
+        return self.tasks.evaluate(split, self.acc, self.cfg.eval_batch_size)
 
     def evaluate_and_checkpoint(self) -> bool:
         """Evaluate, keep the best adapter, checkpoint; True when early stopping says stop."""
@@ -419,7 +259,7 @@ class Trainer:
         self.evaluated_at = st.step
         try:
             metrics = self.evaluate()
-            self._keep_best(metrics[self.metric_key])
+            self._keep_best(metrics[self.tasks.metric[0]])
             self.log.write(step=st.step, epoch=st.epoch, split="validation", **metrics)
             if self.is_main:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -431,8 +271,8 @@ class Trainer:
             st.eval_seconds = (st.eval_seconds or 0.0) + time.perf_counter() - started
 
     def _keep_best(self, value: float) -> None:
-        st = self.state
-        if not (st.best is None or (value > st.best if self.higher else value < st.best)):
+        st, higher = self.state, self.tasks.metric[1]
+        if not (st.best is None or (value > st.best if higher else value < st.best)):
             st.bad_evals += 1
             return
         st.best, st.best_step, st.bad_evals = value, st.step, 0
@@ -463,33 +303,28 @@ class Trainer:
             self.checkpoint()
         st.train_seconds += time.perf_counter() - self.t0
         test_metrics = None
-        n_test = sum(len(self.test_examples(p)) for p in self.parts)
-        if n_test:  # the best adapter on held-out data
+        counts = self.tasks.counts()  # encodes the test examples
+        if counts["examples"]["test"]:  # the best adapter on held-out data
             load_trainable(self.inner, read_tensors(run_dir / "best" / WEIGHTS_NAME), str(run_dir / "best"))
             test_metrics = self.evaluate("test")
             self.log.write(step=st.step, split="test", **test_metrics)
         trainable, total_params = self.inner.trainable_parameters()
         summary = {
             "run_dir": str(run_dir), "adapter": str(run_dir / "best"), "method": cfg.method,
-            "task": ",".join(p.task.name for p in self.parts),
+            "task": ",".join(p.task.name for p in self.tasks.parts),
             "model": cfg.model, "steps": st.step, "epochs_completed": st.epoch,
-            f"best_validation_{self.metric_key}": st.best, "best_step": st.best_step,
+            f"best_validation_{self.tasks.metric[0]}": st.best, "best_step": st.best_step,
             "trainable_parameters": trainable, "total_parameters": total_params,
             "trainable_percent": 100 * trainable / total_params, "train_seconds_this_session": st.train_seconds,
             "eval_seconds": st.eval_seconds or 0.0,
             "test": test_metrics, "skipped_batches": st.skipped_batches, "peak_rss_mb": peak_rss_mb(),
-            "precision": self.precision,
-            "examples": {"train": len(self.train_ex), "validation": sum(len(p.val) for p in self.parts),
-                         "test": n_test},
+            "precision": self.precision, **counts,  # examples (and, for several tasks, per task)
         }
-        if len(self.parts) > 1:
-            summary["tasks"] = {p.task.name: {"train": p.train_size, "validation": len(p.val),
-                                              "test": len(self.test_examples(p))} for p in self.parts}
         if cfg.ensemble > 1:
             summary["ensemble"] = cfg.ensemble
         if self.inner.frozen is not None:
             summary["frozen_work"] = self.inner.frozen.summary()
-        if getattr(self, "out_of_time", False):
+        if self.out_of_time:
             summary["stopped"] = f"time budget (--max-minutes {cfg.max_minutes})"
         if self.is_main:
             tmp = run_dir / "summary.json.tmp"
@@ -504,7 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.method == "manual":
         raise ConfigError("method manual trains nothing: evaluate the hand-written prompt with "
                           "`ptune eval --zero-shot --model M --task T` (Python: ptune.engine.evaluate_zero_shot)")
-    trainer = Trainer(cfg)  # accelerator, run directory (locked), task, model, data, optimizer, scheduler
+    trainer = Trainer(cfg, prepare(cfg))  # accelerator, run directory (locked), tasks, model, data, optimizer
     try:
         trainer.resume()
         trainer.fit()
