@@ -120,6 +120,13 @@ class Decoder:
         if not row.done:
             row.finish_reason = "cancelled"
 
+    def reset(self) -> None:
+        """Drop every row and the cache (after a failed step: the batch's state is unknown)."""
+        for r in self.rows + self.waiting:
+            if not r.done:
+                r.finish_reason = "cancelled"
+        self.rows, self.waiting, self.cache, self.width = [], [], None, 0
+
     @property
     def device(self) -> torch.device:
         return next(self.model.base.parameters()).device

@@ -30,7 +30,10 @@ class SetGeneration:
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.decoder = Decoder(aset.model, eos_ids=self.eos_ids, pad_id=tok.pad_token_id or 0,
                                detokenize=self.text)
-        self._plain = TemplateEncoder(Template.parse("{text}"), tok)
+        # the bare base takes prompts up to its context (an adapter's encoder cuts at the adapter's max_length)
+        context = next((v for k in ("max_position_embeddings", "n_positions")
+                        if isinstance(v := getattr(aset.base.config, k, None), int) and v > 0), 2048)
+        self._plain = TemplateEncoder(Template.parse("{text}"), tok, max_length=context)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.set.tokenizer.decode(list(tokens), skip_special_tokens=True)

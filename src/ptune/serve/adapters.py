@@ -1,5 +1,7 @@
-"""The adapters a server holds, all on one base: the labelling ones in one ``AdapterSet`` (scored
-together, mixed batches) and the generating ones (causal LM, seq2seq) as ``Run``s."""
+"""The adapters a server holds, all on one base, in one ``AdapterSet``: the labelling ones (scored together,
+mixed batches) and the causal-LM ones (decoded together: ``aset.generation``). Only an encoder-decoder's
+(T5 seq2seq) adapters are held apart, each as a ``Run`` with its own copy of the base, generating one
+request at a time."""
 
 from __future__ import annotations
 
@@ -8,14 +10,22 @@ from typing import Any, Mapping, Sequence
 
 from ..adapter_io import find_adapter, read_spec
 from ..adapter_set import AdapterSet, adapter_names
-from ..errors import ConfigError, PtuneError
+from ..adapter_set.members import base_kind_of
+from ..encoder_decoder import SEQ2SEQ_KIND
+from ..errors import AdapterMismatchError, ConfigError, PtuneError
 from ..heads import head_kind
+from ..models import describe
 
 
 def _generates(spec: Any) -> bool:
-    """Whether an adapter answers through generate (a causal_lm head) rather than labelling its inputs."""
+    """Whether an adapter answers by generating (causal_lm, seq2seq heads) rather than labelling its inputs."""
     head = getattr(spec, "head", None)
     return head is not None and head_kind(head.kind).generates
+
+
+def _own_run(spec: Any) -> bool:
+    """Whether an adapter is held as a ``Run`` of its own: a generating head on an encoder-decoder."""
+    return _generates(spec) and getattr(spec.base, "kind", None) == SEQ2SEQ_KIND
 
 
 def _read(name: str, path: str | Path) -> tuple[Any, Path]:
@@ -34,8 +44,16 @@ def _same_base(a: Any, b: Any) -> bool:
     return bool(fa) and fa == fb
 
 
+def _refuse_other_base(name: str, spec: Any, other: str, have: Any) -> None:
+    raise ConfigError(
+        f"adapter {name!r} needs the base {describe(spec.base.fingerprint or {'name': spec.base.name})} "
+        f"but {other!r} needs {describe(have.base.fingerprint or {'name': have.base.name})}; one server "
+        "serves one base: start one server per base")
+
+
 class Adapters:
-    """The labelling adapters (one :class:`AdapterSet`) and the generating ones (one ``Run`` each), on one base."""
+    """The adapters in one :class:`AdapterSet` (labelling and causal-LM ones), and encoder-decoder generating
+    adapters as ``runs`` (one ``Run`` each), all on one base."""
 
     def __init__(self, aset: AdapterSet, runs: Mapping[str, Any] | None = None, *, trust_remote_code: bool = False,
                  allow_pickle: bool = False) -> None:
@@ -47,10 +65,24 @@ class Adapters:
     def load(cls, adapters: Mapping[str, str | Path] | Sequence[str | Path], **consent: Any) -> "Adapters":
         named = adapter_names(adapters)
         specs = {name: _read(name, path) for name, path in named.items()}  # a missing run fails here, first
-        labelling = {n: p for n, p in named.items() if not _generates(specs[n][0])}
-        out = cls(AdapterSet.load(labelling, **consent), **consent)
+        in_set = {n: p for n, p in named.items() if not _own_run(specs[n][0])}
+        first = next(iter(specs), None)
+        for name in specs:  # one base for all, checked before any is loaded
+            if not _same_base(specs[name][0].base, specs[first][0].base):
+                _refuse_other_base(name, specs[name][0], first, specs[first][0])
+        try:
+            out = cls(AdapterSet.load(in_set, **consent), **consent)
+        except AdapterMismatchError as e:
+            kinds = {n: getattr(specs[n][0].base, "kind", None) for n in in_set}
+            if len(set(kinds.values())) < 2:
+                raise
+            raise AdapterMismatchError(
+                f"{e}; these adapters were trained on different forms of the base ({kinds}) and share one copy of "
+                "it here, loaded in the fullest form: an adapter whose tensors are named after the base's modules "
+                "(LoRA, AdaLoRA, BitFit) loads only on the form it was trained on: train it on that form, or "
+                "serve it from a server of its own") from None
         for name, path in named.items():
-            if name not in labelling:
+            if name not in in_set:
                 out._check_base(name, specs[name][0])
                 out.runs[name] = out._run(name, path)
         return out
@@ -67,19 +99,15 @@ class Adapters:
                 + [(n, r.model.spec) for n, r in self.runs.items()])
 
     def _check_base(self, name: str, spec: Any) -> None:
-        from ..models import describe
-
         specs = self._specs()
         if not specs:
             return
         other, have = specs[0]  # every adapter held already shares one base
         if not _same_base(spec.base, have.base):
-            raise ConfigError(
-                f"adapter {name!r} needs the base {describe(spec.base.fingerprint or {'name': spec.base.name})} "
-                f"but {other!r} needs {describe(have.base.fingerprint or {'name': have.base.name})}; one server "
-                "serves one base: start one server per base")
+            _refuse_other_base(name, spec, other, have)
 
     def _run(self, name: str, path: str | Path) -> Any:
+
         from ..engine.inference import Run
 
         try:
@@ -92,7 +120,7 @@ class Adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded; remove it first or pick another name")
         spec, _ = _read(name, path)
         self._check_base(name, spec)
-        if _generates(spec):
+        if _own_run(spec):
             self.runs[name] = self._run(name, path)
         else:
             self.set.add(name, path)  # fingerprint-checked against the set's base
@@ -104,6 +132,22 @@ class Adapters:
         else:
             self.set.remove(name)
 
+    def generates(self, name: str) -> bool:
+        """Whether the adapter ``name`` answers by generating text (in the set's decoder, or as a Run)."""
+        return name in self.runs or self.set._members[name].kind.generates
+
+    def decodes(self, name: str | None) -> bool:
+        """Whether ``name`` is decoded in the set's running batch (a causal-LM adapter; None: the bare base)."""
+        if name is None:
+            return self.base_generates
+        return name in self.set and self.set._members[name].kind.generates
+
+    @property
+    def base_generates(self) -> bool:
+        """Whether the set's base has its LM head (a causal LM), so the bare base can generate."""
+        return self.set.base is not None and base_kind_of(self.set.base) == "causal_lm" \
+            and not self.set.base.config.is_encoder_decoder
+
     def info(self, name: str) -> dict[str, Any]:
         if name in self.runs:
             run = self.runs[name]
@@ -112,7 +156,7 @@ class Adapters:
                     "head": spec.head.kind, "labels": list(run.task.labels),
                     "trainable_params": sum(t.numel() for t in run.model.trainable_state_dict().values()),
                     "template": spec.template.source, "endpoint": "generate"}
-        return {**self.set.info(name), "endpoint": "predict"}
+        return {**self.set.info(name), "endpoint": "generate" if self.generates(name) else "predict"}
 
     @property
     def base_name(self) -> str | None:

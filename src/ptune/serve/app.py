@@ -3,6 +3,7 @@ JSON error handlers and the :class:`_BodyCheck` middleware (body size, UTF-8, re
 :func:`serve` binds the port and runs the app under uvicorn until SIGTERM / Ctrl-C.
 """
 
+import importlib.util
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,26 +11,36 @@ from typing import Any, Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from ..adapter_set import AdapterSet
+from ..decoding import Sampling
 from ..errors import ConfigError
 from .page import PLAYGROUND
 from .schemas import (ERRORS, NAME_RE, AddAdapterRequest, ApiError, GenerateRequest, GenerateResponse, Limits,
-                      PredictRequest, PredictResponse, _check_rows, _check_text, _record, _validation_message)
+                      PredictRequest, PredictResponse, _check_rows, _check_text, _record, _validation_message,
+                      error_body, openai_path)
 from .adapters import Adapters
+from .openai_api import add_openai_routes
 from .service import BATCHING, Service
 
 # ---------------------------------------------------------------------------------------------- the app
 
 
 class _BodyCheck:
-    """ASGI middleware: a POST body must be valid UTF-8 (400 naming the byte) and at most ``max_bytes`` (413);
-    it also times every request for the metrics."""
+    """ASGI middleware: a POST body must be valid UTF-8 (400 naming the byte) and at most ``max_bytes`` (413,
+    known from Content-Length before reading, or counted while reading); it also times every request for
+    the metrics. An oversized body is read to its end (and dropped) before the 413 is sent, up to
+    ``DRAIN_BYTES``: a server that answers and closes while the client still sends resets the connection,
+    and the client never sees the answer."""
 
-    KNOWN = {"/", "/health", "/metrics", "/docs", "/openapi.json", "/v1/predict", "/v1/generate", "/v1/adapters"}
+    KNOWN = {"/", "/health", "/metrics", "/docs", "/openapi.json", "/v1/predict", "/v1/generate", "/v1/adapters",
+             "/v1/completions", "/v1/chat/completions", "/v1/models"}
+    DRAIN_BYTES = 1 << 30
 
     def __init__(self, app: Any, service: Service, max_bytes: int) -> None:
         self.app, self.service, self.max_bytes = app, service, max_bytes
@@ -37,12 +48,30 @@ class _BodyCheck:
     def _endpoint(self, path: str) -> str:
         if path in self.KNOWN:
             return path
+        if path.startswith("/docs-assets/"):
+            return "/docs-assets"
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model}"
         return "/v1/adapters/{name}" if path.startswith("/v1/adapters/") else "other"
+
+    def _too_large(self, path: str) -> JSONResponse:
+        return _error(413, f"the request body is over {self.max_bytes} bytes (--max-body-bytes); send fewer or "
+                           "shorter inputs (--max-rows-per-request, --max-input-chars)", path, code="request_too_large")
+
+    async def _drain(self, receive: Any, read: int) -> None:
+        while read <= self.DRAIN_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
+        path = scope.get("path", "")
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -51,6 +80,11 @@ class _BodyCheck:
 
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
+                declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+                if declared.isdigit() and int(declared) > self.max_bytes:
+                    await self._drain(receive, 0)
+                    await self._too_large(path)(scope, receive, send_status)
+                    return
                 chunks, size, more = [], 0, True
                 while more:
                     message = await receive()
@@ -59,18 +93,20 @@ class _BodyCheck:
                         return
                     chunk = message.get("body", b"")
                     size += len(chunk)
+                    more = message.get("more_body", False)
                     if size > self.max_bytes:
-                        await _error(413, f"the request body is over {self.max_bytes} bytes; send fewer or shorter "
-                                          "inputs (--max-rows-per-request, --max-input-chars)")(scope, receive, send_status)
+                        if more:
+                            await self._drain(receive, size)
+                        await self._too_large(path)(scope, receive, send_status)
                         return
                     chunks.append(chunk)
-                    more = message.get("more_body", False)
                 body = b"".join(chunks)
                 try:
                     body.decode("utf-8")
                 except UnicodeDecodeError as e:
                     await _error(400, f"the request body is not valid UTF-8: byte 0x{body[e.start]:02x} at offset "
-                                      f"{e.start} ({e.reason}); send JSON encoded as UTF-8")(scope, receive, send_status)
+                                      f"{e.start} ({e.reason}); send JSON encoded as UTF-8", path)(scope, receive,
+                                                                                                  send_status)
                     return
                 replayed = False
 
@@ -85,7 +121,7 @@ class _BodyCheck:
             else:
                 await self.app(scope, receive, send_status)
         finally:
-            endpoint = self._endpoint(scope.get("path", ""))
+            endpoint = self._endpoint(path)
             seconds = time.perf_counter() - start
             m = self.service.metrics
             m.requests.labels(endpoint, str(status[0])).inc()
@@ -93,24 +129,28 @@ class _BodyCheck:
             m.recent.observe(endpoint, seconds)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, path: str = "", param: str | None = None, code: str | None = None,
+           headers: Any = None) -> JSONResponse:
+    """An error answer in the shape of the endpoint at ``path`` (OpenAI's on the OpenAI-compatible ones)."""
+    return JSONResponse(error_body(path, status, message, param, code), status_code=status, headers=headers)
 
 
 def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | Path] | Sequence[str | Path], *,
                max_batch_size: int = 32, max_wait_ms: float = 10.0, allow_admin: bool = False,
                max_input_chars: int = 10_000, max_rows_per_request: int = 64, max_new_tokens: int = 256,
-               max_queue_rows: int = 4096, runs: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
+               max_queue_rows: int = 4096, max_decode_rows: int = 64, max_body_bytes: int = 4_194_304,
+               runs: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False, batching: str = "mixed") -> FastAPI:
-    """The FastAPI app serving ``adapter_set_or_paths``: an :class:`AdapterSet` (plus ``runs``, ``{name: Run}``
-    of causal-LM adapters for /v1/generate), or run directories / adapter folders (``[name=]path`` strings
+    """The FastAPI app serving ``adapter_set_or_paths``: an :class:`AdapterSet` (its causal-LM adapters and
+    its bare base generate, decoded together; plus ``runs``, ``{name: Run}`` of encoder-decoder adapters
+    for /v1/generate, one request at a time), or run directories / adapter folders (``[name=]path`` strings
     or ``{name: path}``), loaded here: a missing run or adapters of different bases raise a
     :class:`~ptune.errors.PtuneError` now, before anything is served. Limits: see :class:`Limits`.
     ``batching``: ``"mixed"`` (requests of any adapters share a forward pass) or ``"per-adapter"`` (one
     adapter per forward pass, for comparison); see :class:`~ptune.serve.service.Service`."""
     limits = Limits(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_input_chars=max_input_chars,
                     max_rows_per_request=max_rows_per_request, max_new_tokens=max_new_tokens,
-                    max_queue_rows=max_queue_rows)
+                    max_queue_rows=max_queue_rows, max_decode_rows=max_decode_rows, max_body_bytes=max_body_bytes)
     limits.check()
     if batching not in BATCHING:
         raise ConfigError(f"--batching={batching!r} must be one of {', '.join(BATCHING)}")
@@ -136,13 +176,14 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
         finally:
             await service.stop()
 
-    app = FastAPI(title="ptune serve", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="ptune serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Adapters on one frozen base; requests for any adapters are batched together "
-                              "(one forward pass per batch). Errors are JSON: {\"error\": \"...\"}. "
-                              "Playground: [/](/), metrics: [/metrics](/metrics).")
+                              "(one forward pass per batch; generation: one running batch, decoded step by step). "
+                              "Errors are JSON: {\"error\": \"...\"} (OpenAI's shape on the OpenAI-compatible "
+                              "endpoints). Playground: [/](/), metrics: [/metrics](/metrics).")
     app.state.service = service
-    per_input = limits.max_input_chars * 4 + 256  # UTF-8 and JSON escapes
-    app.add_middleware(_BodyCheck, service=service, max_bytes=limits.max_rows_per_request * per_input + 65_536)
+    app.add_middleware(_BodyCheck, service=service, max_bytes=limits.max_body_bytes)
+    _add_docs(app)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -151,16 +192,29 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
             detail = f"no endpoint {request.method} {request.url.path}; see /docs"
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs"
-        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return _error(exc.status_code, detail, request.url.path, getattr(exc, "param", None),
+                      getattr(exc, "code", None), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _validation_message(exc)
-        return JSONResponse({"error": message}, status_code=status)
+        path = request.url.path
+        if not openai_path(path):
+            status, message = _validation_message(exc)
+            return _error(status, message, path)
+        # OpenAI answers a malformed request with 400 naming the field
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        if first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        else:
+            message = _validation_message(exc)[1]
+        return _error(400, message, path, param)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", request.url.path)
 
     def known(name: str) -> None:
         if name not in adapters:
@@ -170,20 +224,23 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
               summary="Label texts with an adapter (classification: label + probabilities; tagging: tags)")
     async def predict(req: PredictRequest) -> Any:
         known(req.adapter)
-        if req.adapter in adapters.runs:
-            raise ApiError(400, f"adapter {req.adapter!r} generates text (a causal_lm head): use POST /v1/generate")
+        if adapters.generates(req.adapter):
+            head = adapters.info(req.adapter)["head"]
+            raise ApiError(400, f"adapter {req.adapter!r} generates text (a {head} head): use POST /v1/generate "
+                                "or /v1/completions")
         _check_rows(req.inputs, limits)
         rows = [{**_record(x, f"inputs[{i}]", limits), "adapter": req.adapter} for i, x in enumerate(req.inputs)]
         return {"adapter": req.adapter, "results": await service.predict(req.adapter, rows)}
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
-              summary="Continue prompts with a causal-LM adapter")
+              summary="Continue prompts with a causal-LM (or seq2seq) adapter")
     async def generate(req: GenerateRequest) -> Any:
         known(req.adapter)
-        if req.adapter not in adapters.runs:
+        if not adapters.generates(req.adapter):
             head = adapters.info(req.adapter)["head"]
+            makers = [n for n in adapters.names if adapters.generates(n)]
             raise ApiError(400, f"adapter {req.adapter!r} has a {head} head: it labels its inputs (POST /v1/predict); "
-                                f"/v1/generate serves causal-LM adapters ({sorted(adapters.runs) or 'none loaded'})")
+                                f"/v1/generate serves the adapters that generate ({makers or 'none loaded'})")
         _check_rows(req.inputs, limits, "prompts")
         for i, p in enumerate(req.inputs):
             _check_text(p, f"inputs[{i}]", limits)
@@ -195,13 +252,24 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
             raise ApiError(400, f"temperature={req.temperature} must be in [0, 10] (0: greedy)")
         if not 0.0 < req.top_p <= 1.0:
             raise ApiError(400, f"top_p={req.top_p} must be in (0, 1]")
-        options: dict[str, Any] = {"do_sample": req.temperature > 0}
-        if req.temperature > 0:
-            options.update(temperature=req.temperature, top_p=req.top_p)
         if service.closing:
             raise ApiError(503, "the server is shutting down; retry on another instance")
-        run = adapters.runs[req.adapter]
-        texts = await service.call(run.generate, list(req.inputs), max_new_tokens=new_tokens, **options)
+        if req.adapter in adapters.runs:  # an encoder-decoder: its own Run, one request at a time
+            options: dict[str, Any] = {"do_sample": req.temperature > 0}
+            if req.temperature > 0:
+                options.update(temperature=req.temperature, top_p=req.top_p)
+            run = adapters.runs[req.adapter]
+            texts = await service.call(run.generate, list(req.inputs), max_new_tokens=new_tokens, **options)
+        else:  # every prompt a row of the running batch
+            sampling = Sampling(max_new_tokens=new_tokens, temperature=req.temperature, top_p=req.top_p)
+            streams = []
+            try:
+                for p in req.inputs:
+                    streams.append(await service.generate(req.adapter, p, sampling))
+                texts = [await s.text() for s in streams]
+            finally:
+                for s in streams:
+                    service.cancel(s)  # a no-op for a finished one
         service.metrics.rows.labels(req.adapter).inc(len(texts))
         return {"adapter": req.adapter, "results": [{"text": t} for t in texts]}
 
@@ -236,19 +304,42 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
     @app.get("/health", summary="Liveness: the adapters loaded and the queue")
     async def health() -> dict[str, Any]:
         running = service.batcher is not None and not service.batcher.done()
+        decode = service.decode
         return {"status": "ok" if running and not service.closing else "stopping" if service.closing else "stopped",
                 "adapters": len(adapters.names), "queued_rows": service.queued_rows, "batches": service.batches,
-                "batching": service.batching}
+                "batching": service.batching, "generating": decode.active if decode is not None else 0,
+                "decode_steps": decode.steps if decode is not None else 0}
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_openai_routes(app, service, adapters, limits)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND)
 
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from a package's files (``fastapi-offline``'s Swagger UI 5, which reads the
+    OpenAPI 3.1 that FastAPI writes), so the page works with no network; without that package, from the CDN."""
+    try:
+        assets = Path(importlib.util.find_spec("fastapi_offline").origin).parent / "static"
+    except (AttributeError, TypeError):
+        assets = None
+    if assets is not None and (assets / "swagger-ui-bundle.js").is_file():
+        app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                "swagger_favicon_url": "/docs-assets/favicon.png"}
+    else:
+        urls = {}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API docs", **urls)
 
 
 def _version() -> str:

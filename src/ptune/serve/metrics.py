@@ -1,5 +1,6 @@
 """The server's Prometheus metrics: request counts and latencies (histograms and recent quantiles),
-batch sizes, queue depth, adapters loaded."""
+batch sizes, queue depth, adapters loaded; for generation: rows per decoding step, step time, time to
+first token, tokens generated, requests cancelled (clients gone)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,20 @@ class Metrics:
         self.rows = Counter("ptune_rows", "inputs scored or generated, by adapter", ["adapter"], registry=r)
         self.batch_failures = Counter("ptune_batch_failures", "batches that failed as a whole (their requests were "
                                       "retried one by one)", registry=r)
+        self.decode_steps = Counter("ptune_decode_steps", "decoding steps of the running generation batch", registry=r)
+        self.decode_rows = Histogram("ptune_decode_rows", "rows given a token in one decoding step",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.decode_step_seconds = Histogram("ptune_decode_step_seconds", "time of one decoding step on the worker",
+                                             buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
+        self.first_token = Histogram("ptune_time_to_first_token_seconds", "from a generation request's arrival to "
+                                     "its first token", buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                     registry=r)
+        self.tokens = Counter("ptune_generated_tokens", "tokens generated, by adapter ((base): the bare base)",
+                              ["adapter"], registry=r)
+        self.cancelled = Counter("ptune_generation_cancelled", "generation requests cancelled (the client left)",
+                                 registry=r)
+        Gauge("ptune_decode_active", "generation requests being decoded or waiting for a slot", registry=r).set_function(
+            lambda: service.decode.active if service.decode is not None else 0)
         Gauge("ptune_queue_rows", "rows waiting to be batched", registry=r).set_function(lambda: service.queued_rows)
         Gauge("ptune_queue_requests", "requests waiting to be batched", registry=r).set_function(
             lambda: (service.queue.qsize() if service.queue is not None else 0) + len(service.held))

@@ -30,9 +30,13 @@ class Limits:
     max_rows_per_request: int = 64
     """most inputs (texts or prompts) in one request"""
     max_new_tokens: int = 256
-    """the most tokens one /v1/generate request may ask for"""
+    """the most tokens one generation request may ask for (max_tokens, max_new_tokens)"""
     max_queue_rows: int = 4096
     """rows waiting to be scored beyond which requests are refused with 503 (back-pressure)"""
+    max_decode_rows: int = 64
+    """most generation requests decoded together in one running batch (others wait their turn); 1: one at a time"""
+    max_body_bytes: int = 4_194_304
+    """the largest request body accepted (by Content-Length and while reading); larger ones get 413"""
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
@@ -106,7 +110,29 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
 
 
 class ApiError(HTTPException):
-    """An HTTP error with a one-line JSON message ``{"error": ...}``."""
+    """An HTTP error with a one-line JSON message: ``{"error": ...}`` on the native endpoints, OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI-compatible ones (``param``: the
+    request field at fault; ``code``: a short machine-readable reason such as ``model_not_found``)."""
+
+    def __init__(self, status_code: int, detail: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(status_code, detail)
+        self.param, self.code = param, code
+
+
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+def openai_path(path: str) -> bool:
+    """Whether ``path`` is an OpenAI-compatible endpoint (errors in OpenAI's shape there)."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+def error_body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The JSON of an error: ``{"error": message}``, or OpenAI's shape on its endpoints."""
+    if not openai_path(path):
+        return {"error": message}
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -1,7 +1,8 @@
 """What runs behind the endpoints: :class:`Service` over the server's :class:`~.adapters.Adapters` and
 :class:`~.metrics.Metrics`: the asyncio queue and batching task that gathers requests of any adapters into one ``predict_batch``
-call (``batching="mixed"``; ``"per-adapter"``: only requests of one adapter per call), with every model
-call on one worker thread.
+call (``batching="mixed"``; ``"per-adapter"``: only requests of one adapter per call), and the generation
+requests decoded together (:class:`~.streams.DecodeLoop`), with every model call on one worker thread:
+one decoding step, then whatever labelling batch or admin call is waiting, then the next step.
 """
 
 import asyncio
@@ -12,10 +13,12 @@ import re
 import time
 from typing import Any
 
+from ..decoding import Sampling
 from ..errors import ConfigError, PtuneError
 from .adapters import Adapters
 from .metrics import Metrics
 from .schemas import ApiError, Limits
+from .streams import DecodeLoop, Stream
 
 
 @dataclasses.dataclass
@@ -53,19 +56,22 @@ class Service:
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.batcher: asyncio.Task | None = None
         self.batches = 0
+        self.decode: DecodeLoop | None = None
         self.metrics = Metrics(self)
 
     # -- lifespan
 
     async def start(self) -> None:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptune-model")
+        self.decode = DecodeLoop(self.adapters, self.executor.submit, self.limits.max_decode_rows, self.metrics)
         self.queue = asyncio.Queue()
         self.held.clear()
         self.queued_rows, self.closing = 0, False
         self.batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="ptune-batcher")
 
-    async def stop(self) -> None:
-        """Refuse new requests, score every queued one, then stop the worker."""
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Refuse new requests, score every queued one, let the generations running finish (at most
+        ``timeout`` seconds, then they end with an error), then stop the worker."""
         self.closing = True
         if self.queue is not None and self.batcher is not None:
             self.queue.put_nowait(_STOP)
@@ -73,9 +79,43 @@ class Service:
                 await self.batcher
             except Exception:  # noqa: BLE001 - it answered what it could; shutting down regardless
                 pass
+        if self.executor is not None and self.decode is not None:
+            deadline = time.perf_counter() + timeout
+            while self.decode.ticking and time.perf_counter() < deadline:
+                await asyncio.sleep(0.02)
+            if self.decode.ticking:
+                self.executor.submit(self.decode.cancel_all, "the server stopped before this request finished")
+                while self.decode.ticking:
+                    await asyncio.sleep(0.02)
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         self.queue = self.batcher = self.executor = None
+
+    # -- generate
+
+    async def generate(self, adapter: str | None, prompt: str, sampling: Sampling) -> Stream:
+        """A generation request for ``adapter`` (None: the bare base) queued to join the running batch at the
+        next step; read its text from the returned :class:`Stream`. A prompt that does not fit: 400."""
+        if self.executor is None or self.decode is None:
+            raise ApiError(503, "the model worker is not running (start the app through its lifespan: uvicorn, "
+                                "or `with TestClient(app)`)")
+        if self.closing:
+            raise ApiError(503, "the server is shutting down; retry on another instance")
+        if self.decode.active >= self.limits.max_queue_rows:
+            raise ApiError(503, f"the server is busy: {self.decode.active} generation requests are running or "
+                                f"waiting (--max-queue-rows {self.limits.max_queue_rows}); retry later")
+        stream = Stream(adapter, prompt, sampling, asyncio.get_running_loop())
+        await self.call(self.decode.enqueue, stream)
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """The client of ``stream`` left: free its row at the next step (safe from the event loop)."""
+        if stream.done or self.executor is None or self.decode is None:
+            return
+        try:
+            self.executor.submit(self.decode.cancel, stream)
+        except RuntimeError:  # the worker has stopped
+            pass
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn`` on the model's worker thread; a PtuneError becomes a 400, anything else a 500."""
