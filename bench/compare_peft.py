@@ -193,7 +193,7 @@ def run_peft(method: str, s: dict, tuned: bool, eager: bool = False) -> dict:
 
 
 def run_ptune(method: str, s: dict) -> dict:
-    from ptune.engine.precision import Trainer
+    from ptune.engine.loop import Trainer
 
     out = tempfile.mkdtemp(prefix="ptune-bench-")
     cfg = ptune_config(method, s, out)

@@ -88,7 +88,7 @@ def step_trainer(options: dict[str, Any]):
     """ptune's Trainer for ``TrainConfig.from_dict(options)`` (built exactly as ``ptune.engine.train`` builds
     it), in the state ``Trainer.fit`` puts it in before the first step. Close ``trainer.directory`` after."""
     from ptune.engine import TrainConfig
-    from ptune.engine.precision import Trainer, _adapter_hooks
+    from ptune.engine.loop import Trainer, _adapter_hooks
 
     trainer = Trainer(TrainConfig.from_dict(options))
     trainer.extra_loss, trainer.after_step, set_total = _adapter_hooks(trainer.inner.adapter)
