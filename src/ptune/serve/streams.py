@@ -140,6 +140,7 @@ class DecodeLoop:
         if s.row is not None:
             self.adapters.set.generation.decoder.cancel(s.row)
             self.streams.pop(s.row.id, None)
+            self._schedule()  # its row and cache are dropped at the next step, even if no other row is left
         else:
             try:
                 self.waiting.remove(s)
@@ -169,6 +170,8 @@ class DecodeLoop:
                 s.row = decoder.add(s.input_ids, s.virtual_index, member=s.member, sampling=s.sampling)
                 self.streams[s.row.id] = s
             if not self.streams:
+                if decoder.active:
+                    decoder.step()  # only cancelled rows left: dropped, with their cache
                 return
             start = time.perf_counter()
             produced = gen.step()
@@ -193,7 +196,7 @@ class DecodeLoop:
             self.streams.clear()
             decoder.reset()
         finally:
-            if self.streams or self.waiting:
+            if self.streams or self.waiting or decoder.active:  # finished rows too: dropped, and their cache, next step
                 self.submit(self._tick)  # behind any labelling batch queued during this step
             else:
                 self.ticking = False
