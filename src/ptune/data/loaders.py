@@ -245,7 +245,7 @@ def _checked(rows: list[tuple[int, dict]], source: str, task: Task | None) -> li
                             "split instead (a task YAML's splits: {test: validation}, or DATASET:CONFIG:validation)")
         for line, rec in rows:
             task.validate_record(rec, f"{source} line {line}")
-        if task.head == "causal_lm" and task.format == "auto":  # one data format per file
+        if task.kind.data_formats and task.format == "auto":  # one data format per file
             formats.file_format(rows, source, task.own_fields)
     return [rec for _, rec in rows]
 

@@ -104,7 +104,7 @@ class Task:
     def _check_format(self) -> None:
         if self.format not in formats.FORMATS:
             raise ConfigError(f"task {self.name}: format={self.format!r} is not one of {formats.FORMATS}")
-        if self.format not in ("auto", "prompt_response") and self.head != "causal_lm":
+        if self.format not in ("auto", "prompt_response") and not self.kind.data_formats:
             raise ConfigError(f"task {self.name}: format={self.format} records train a causal_lm head, not {self.head}")
         for key in ("max_source_length", "max_target_length"):
             value = getattr(self, key)

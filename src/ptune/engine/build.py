@@ -131,13 +131,13 @@ def with_data_format(cfg: TrainConfig, task: Task, splits: dict[str, list[dict]]
     """The task with its ``format`` fixed (auto: the training data's, so a saved run renders prompts as it
     trained) and the run's --max-source-length / --max-target-length."""
     changes: dict[str, Any] = {}
-    if task.head == "causal_lm" and task.format == "auto" and splits.get("train"):
+    if task.kind.data_formats and task.format == "auto" and splits.get("train"):
         fmt = task.record_format(splits["train"][0])
         if fmt in CHAT_FORMATS:
             changes["format"] = fmt
     for key in ("max_source_length", "max_target_length"):
         if getattr(cfg, key) is not None:
-            if task.head != "causal_lm":
+            if not task.kind.data_formats:
                 raise ConfigError(f"--{key.replace('_', '-')} bounds a causal_lm task's prompt or response; task "
                                   f"{task.name} is a {task.head} task (use --max-length)")
             changes[key] = getattr(cfg, key)

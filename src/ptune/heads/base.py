@@ -63,6 +63,8 @@ class HeadKind(Protocol):
     label_set: bool  # the task's labels are a closed set of classes or tags (>= 2, no duplicates)
     one_label: bool  # one label per input (not per token, not text): a prompt ensemble may vote on it
     base_kinds: tuple[str, ...]  # the base kinds (ptune.models.BASE_KINDS) it runs on, the one it loads first
+    data_formats: bool  # its records may be instructions or conversations (ptune.data.formats), bounded by
+    #                     --max-source-length / --max-target-length
 
     def fits_labels_of(self, other: "HeadKind") -> bool: ...
 
@@ -95,6 +97,7 @@ class HeadBase:
     label_set = True  # True: the task's labels are a closed set (classes, tags)
     one_label = True  # True: one label per input (a pooled class); False: per token, a span or text
     base_kinds: tuple[str, ...] = ("backbone",)  # any LM class of an encoder or decoder holds the backbone too
+    data_formats = False  # True: records may be alpaca / chat / sharegpt / ChatGLM (prompt -> response heads)
 
     def fits_labels_of(self, other: "HeadKind") -> bool:
         """Whether this head can answer a task made for ``other`` (same form of label: encoding, metrics)."""

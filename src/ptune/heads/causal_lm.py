@@ -75,6 +75,7 @@ class CausalLMHead(HeadBase):
     label_set = False
     one_label = False
     base_kinds = ("causal_lm",)
+    data_formats = True  # prompt/response, alpaca, chat, sharegpt, ChatGLM records (ptune.data.formats)
     new_weights = False
     metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("perplexity", higher_is_better=False))
 
