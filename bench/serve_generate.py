@@ -174,14 +174,15 @@ def run_mode(paths: dict[str, Path], flags: list[str], jobs: list[tuple[str, str
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok]
-    rows = [float(line.split()[-1]) for line in metrics.splitlines()
-            if line.startswith(("ptune_decode_rows_sum", "ptune_decode_rows_count"))]
+    rows = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith(("ptune_decode_rows_sum", "ptune_decode_rows_count"))}
     summary = {"flags": flags, "requests": len(jobs), "non_200": len(results) - len(ok), "wall_s": round(wall, 2),
                "new_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
                "ttft_p50_s": round(quantile(ttft, 0.5), 3) if ttft else None,
                "ttft_p99_s": round(quantile(ttft, 0.99), 3) if ttft else None,
                "peak_rss_mib": round(rss, 1), "exit_code": code,
-               "mean_rows_per_step": round(rows[0] / rows[1], 2) if len(rows) == 2 and rows[1] else None,
+               "mean_rows_per_step": round(rows["ptune_decode_rows_sum"] / rows["ptune_decode_rows_count"], 2)
+               if rows.get("ptune_decode_rows_count") else None,
                "errors": [r.get("error") for r in results if r["status"] != 200][:5]}
     return summary, results
 
