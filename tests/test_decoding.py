@@ -155,3 +155,30 @@ def test_bad_requests(tokenizer, tmp_path):
     with pytest.raises(ptune.ConfigError, match="batched decoding is for causal LMs; an encoder-decoder"):
         Decoder(ptune.apply(t5_base(), ptune.LoraConfig(r=2), head=ptune.HeadConfig("seq2seq"),
                             tokenizer=tokenizer), eos_ids=[1], pad_id=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "p_tuning_v2"])
+def test_a_classifier_trained_on_the_bare_body_serves_beside_generating_adapters(method, tiny_gpt2_dir, tokenizer,
+                                                                              tmp_path):
+    """One set, one copy of the base in its fullest (causal LM) form: a classifier trained on the bare body
+    (its LoRA / bias tensors named after the body's modules) labels beside a generating adapter, and
+    scores as it does on a base of its own."""
+    topic = Task("topic", labels=("sport", "food"), max_length=16)
+    body = ptune.load_base(tiny_gpt2_dir)  # the bare GPT-2 body, as `ptune train` loads it for a classifier
+    clf = perturbed(ptune.apply(body, METHODS[method](), head=ptune.HeadConfig("classification", num_labels=2),
+                                tokenizer=tokenizer, labels=topic.labels, task=topic, max_length=16), 3)
+    clf_path = ptune.save_adapter(clf, tmp_path / "clf")
+    lm = perturbed(ptune.apply(ptune.load_base(tiny_gpt2_dir, "causal_lm"), ptune.LoraConfig(r=2), tokenizer=tokenizer,
+                               head=ptune.HeadConfig("causal_lm"), task=LM, max_length=LM.max_length), 4)
+    lm_path = ptune.save_adapter(lm, tmp_path / "lm")
+    s = AdapterSet.load({"clf": clf_path, "lm": lm_path}, tokenizer=tokenizer)
+    assert type(s.base).__name__ == "GPT2LMHeadModel"
+    want = ptune.load_adapter(clf_path, base=ptune.load_base(tiny_gpt2_dir), tokenizer=tokenizer).eval()
+    enc = ptune.TemplateEncoder(want.template, tokenizer, max_length=16)
+    texts = ["the match ended", "bake the bread"]
+    with torch.no_grad():
+        alone_logits = want(**ptune.batching.collate([enc.encode({"text": t}) for t in texts], pad_id=0)).logits
+    got = s.logits([{"adapter": "clf", "text": t} for t in texts])
+    torch.testing.assert_close(torch.stack(got), alone_logits, atol=1e-5, rtol=0)
+    text = s.generation.generate([{"adapter": "lm", "prompt": "hello", "max_new_tokens": 5}])[0]
+    assert isinstance(text, str)

@@ -101,18 +101,24 @@ def build_member(base: nn.Module, tokenizer: Any, name: str, adapter_dir: Path, 
                  tensors: dict[str, torch.Tensor], device: torch.device) -> Member:
     """The adapter built on the (plain) shared base and loaded; its per-row parts taken out of the base."""
     where = f"adapter {name!r} ({adapter_dir})"
+    # an adapter trained on the bare body (a classifier) over a set whose base is the LM class (it also holds
+    # generating or verbalizer adapters): built on the body inside it, its layer names prefixed to the base's
+    root, prefix = base, ""
+    if spec.base.kind == "backbone" and backbone_of(base) is not base:
+        root = backbone_of(base)
+        prefix = next(n for n, m in base.named_modules() if m is root) + "."
     try:
-        model = from_spec(spec, base, tokenizer)
+        model = from_spec(spec, root, tokenizer)
     except PtuneError as e:
         raise type(e)(f"{where}: {e}") from None
     adapter = model.adapter
     branches: dict[str, LowRankLayer] = {}
     trained_base: dict[str, nn.Parameter] = {}  # the base's own weights this adapter trains (BitFit)
-    biased = bias_modules(base)
+    biased = bias_modules(root)
     if isinstance(adapter, WeightAdapter):
         branches = dict(adapter.layers())  # the low-rank tensors live in wrappers, not in the base's weights
     else:
-        trained_base = {n: p for n, p in base.named_parameters() if p.requires_grad}
+        trained_base = {n: p for n, p in root.named_parameters() if p.requires_grad}
         other = [n for n in trained_base if n not in biased]
         if other:
             raise ConfigError(f"{where}: {spec.method} changes the base's own weights ({other[0]} and "
@@ -121,13 +127,14 @@ def build_member(base: nn.Module, tokenizer: Any, name: str, adapter_dir: Path, 
     original = {n: p.detach().clone() for n, p in trained_base.items()}
     try:
         load_trainable(model, tensors, str(adapter_dir))
-        deltas = {biased[n]: (p.detach() - original[n]).clone() for n, p in trained_base.items()}
+        deltas = {prefix + biased[n]: (p.detach() - original[n]).clone() for n, p in trained_base.items()}
     finally:
         with torch.no_grad():  # the base keeps its own values: BitFit's biases become per-row deltas
             for n, p in trained_base.items():
                 p.copy_(original[n])
         for layer_name, layer in branches.items():  # the plain layer back; the branch keeps its tensors
-            set_module(base, layer_name, layer.base_layer)
+            set_module(root, layer_name, layer.base_layer)
+    branches = {prefix + n: layer for n, layer in branches.items()}  # named as the set's base names them
     model.eval()
     config = read_run_config(run_dir) if run_dir is not None else None
     task = member_task(spec, run_dir, tokenizer, where)
