@@ -14,7 +14,7 @@ from ..adapter_set.members import base_kind_of
 from ..encoder_decoder import SEQ2SEQ_KIND
 from ..errors import AdapterMismatchError, ConfigError, PtuneError
 from ..heads import head_kind
-from ..models import describe
+from ..models import GENERATIVE_BASE_KINDS, describe
 
 
 def _generates(spec: Any) -> bool:
@@ -134,18 +134,18 @@ class Adapters:
 
     def generates(self, name: str) -> bool:
         """Whether the adapter ``name`` answers by generating text (in the set's decoder, or as a Run)."""
-        return name in self.runs or self.set._members[name].kind.generates
+        return name in self.runs or head_kind(self.set.spec(name).head.kind).generates
 
     def decodes(self, name: str | None) -> bool:
         """Whether ``name`` is decoded in the set's running batch (a causal-LM adapter; None: the bare base)."""
         if name is None:
             return self.base_generates
-        return name in self.set and self.set._members[name].kind.generates
+        return name in self.set and head_kind(self.set.spec(name).head.kind).generates
 
     @property
     def base_generates(self) -> bool:
         """Whether the set's base has its LM head (a causal LM), so the bare base can generate."""
-        return self.set.base is not None and base_kind_of(self.set.base) == "causal_lm" \
+        return self.set.base is not None and base_kind_of(self.set.base) in GENERATIVE_BASE_KINDS \
             and not self.set.base.config.is_encoder_decoder
 
     def info(self, name: str) -> dict[str, Any]:
