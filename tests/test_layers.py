@@ -164,3 +164,27 @@ def test_imports_only_go_down_the_floors(graph):
     up = sorted(f"{m} (floor {_floor(m)}) imports {t} (floor {_floor(t)})"
                 for m, targets in graph.items() for t in targets if _floor(t) > _floor(m))
     assert not up, "imports pointing up the stack (see FLOORS):\n" + "\n".join(up)
+
+
+def test_no_code_outside_heads_compares_head_names_or_label_forms():
+    """What a head kind can do is read from its typed capabilities (``HeadKind.multi_row``, ``generates``, ...);
+    a comparison with a head's name (``== "causal_lm"``, ``in ("tagging", ...)``) or with ``.label_form``
+    outside ``ptune/heads/`` is the drift this guards against (base kinds: ``ptune.models.BASE_KINDS``)."""
+    from ptune.heads import HEAD_KINDS
+
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if "heads" in path.relative_to(PKG).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare) or not any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                            for op in node.ops):
+                continue
+            operands = [node.left, *node.comparators]
+            items = [c for o in operands for c in (o.elts if isinstance(o, (ast.Tuple, ast.List, ast.Set)) else [o])]
+            if any(isinstance(o, ast.Attribute) and o.attr == "label_form" for o in operands):
+                found.append(f"{path.relative_to(PKG)}:{node.lineno} compares label_form")
+            for c in items:
+                if isinstance(c, ast.Constant) and c.value in HEAD_KINDS:
+                    found.append(f"{path.relative_to(PKG)}:{node.lineno} compares with {c.value!r}")
+    assert found == [], "\n".join(found)
