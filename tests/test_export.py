@@ -179,7 +179,8 @@ def test_prompt_tuning_is_exact_when_the_template_already_puts_the_prompt_first(
 
 INEXACT = [  # (arch, kind, method config, head, what the warning names)
     ("bert", "backbone", ptune.PromptTuningConfig(num_virtual_tokens=N),
-     ptune.HeadConfig("classification", num_labels=3, pooling="pooler"), r"positions 1\.\.4 \(after \[CLS\]\)"),
+     ptune.HeadConfig("classification", num_labels=3, pooling="pooler"),
+     r"positions 1\.\.4 \(after \[CLS\]\).*train with --prompt-layout peft.*--pooling pooler"),
     ("bert", "backbone", ptune.PTuningV2Config(num_virtual_tokens=N),
      ptune.HeadConfig("classification", num_labels=3, pooling="pooler"), "prefix vectors as a KV cache"),
     ("bert", "backbone", ptune.PTuningConfig(num_virtual_tokens=N, encoder="lstm", encoder_hidden_size=16),

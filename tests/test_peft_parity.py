@@ -138,6 +138,46 @@ def test_parity_sequence_classification_bert(method, tokenizer):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+INPUT_METHODS = [m for m in METHODS if not m.startswith("prefix")]
+
+
+@pytest.mark.parametrize("method", INPUT_METHODS)
+def test_the_peft_prompt_layout_encodes_what_peft_computes(method, tokenizer):
+    """``prompt_layout="peft"``: the template encoder itself lays the rows out as PEFT does (virtual tokens
+    before [CLS]), so ptune's own batch of the texts, not one built by hand, gives PEFT's logits."""
+    import dataclasses
+
+    import transformers as tf
+
+    from ptune.batching import collate
+
+    torch.manual_seed(0)
+    cfg = tiny_config("bert")
+    cfg.num_labels = 3
+    hf = tf.BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    our_body = copy.deepcopy(hf.bert)
+    classifier = copy.deepcopy(hf.classifier)
+    peft_model = peft.get_peft_model(hf, _peft_config(method, "SEQ_CLS")).eval()
+    _perturb(peft_model.prompt_encoder["default"])
+    config = dataclasses.replace(_our_config(method), prompt_layout="peft")
+    ours = ptune.apply(our_body, config, tokenizer=tokenizer,
+                       head=ptune.HeadConfig("classification", num_labels=3, pooling="pooler")).eval()
+    ours.head.classifier.load_state_dict(classifier.state_dict())
+    _copy_prompt_weights(method, peft_model, ours)
+    enc = ptune.TemplateEncoder(ours.template, tokenizer, max_length=64)
+    batch = collate([enc.encode({"text": t}) for t in TEXTS], pad_id=enc.placeholder_id)
+    assert batch["virtual_index"][:, :N].tolist() == [list(range(N))] * len(TEXTS)
+    ids, mask = _tokens(tokenizer)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask).logits
+        got = ours(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def _causal(arch: str, gqa: bool = True):
     import transformers as tf
 

@@ -9,6 +9,8 @@ right by construction. Syntax (one string, parsed once):
     [P] or [P:n]   one or n virtual tokens (numbered left to right across all segments)
     {name}         an input field of the record, e.g. {text}, {text_b}, {tokens}
     {mask}         the label slot: [MASK] for masked LMs, the next token for causal LMs
+    {start}        where the tokenizer's own start tokens go ([CLS], <s>, BOS); default: the row's beginning.
+                   "[P:n]{start} {text}" puts the virtual tokens before [CLS], as HF PEFT does
     {{ }}          literal braces
     anything else  literal text (anchor words), tokenized as written, spaces included
 
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 from .errors import ConfigError, DataError, TemplateError
 
 MASK = "mask"
+START = "start"  # the slot of the tokenizer's special start tokens
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}  # escapes in literal text: a newline typed in a --template flag
 _FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VIRTUAL_RE = re.compile(r"\[P(?::(\d+))?\]")
@@ -32,7 +35,7 @@ _VIRTUAL_RE = re.compile(r"\[P(?::(\d+))?\]")
 
 @dataclass(frozen=True)
 class Segment:
-    kind: str  # "virtual" | "field" | "text" | "mask"
+    kind: str  # "virtual" | "field" | "text" | "mask" | "start"
     value: Any  # number of virtual tokens | field name | literal text | None
 
 
@@ -73,7 +76,8 @@ class Template:
                         f"template {source!r}: {{{name}}} at position {i} is not a field name; "
                         "use letters, digits and '_' (e.g. {text}) or {mask} for the label slot")
                 flush()
-                segs.append(Segment("mask", None) if name == MASK else Segment("field", name))
+                segs.append(Segment("mask", None) if name == MASK else Segment("start", None) if name == START
+                            else Segment("field", name))
                 i = j + 1
             elif c == "}":
                 raise TemplateError(
@@ -104,6 +108,9 @@ class Template:
                 f"template {source!r} has no input field: add one such as {{text}} so the input reaches the model")
         if sum(s.kind == "mask" for s in segs) > 1:
             raise TemplateError(f"template {source!r} has more than one {{mask}} label slot; keep exactly one")
+        if sum(s.kind == "start" for s in segs) > 1:
+            raise TemplateError(f"template {source!r} has more than one {{start}} slot (where the tokenizer's start "
+                                "tokens go); keep one")
         return tpl
 
     @property
@@ -118,9 +125,41 @@ class Template:
     def has_mask(self) -> bool:
         return any(s.kind == "mask" for s in self.segments)
 
-    def with_prefix_prompt(self, num_virtual_tokens: int) -> "Template":
-        """The template with ``[P:k] `` prepended (prompt tuning's placement)."""
-        return Template.parse(f"[P:{num_virtual_tokens}] {self.source}")
+    @property
+    def has_start(self) -> bool:
+        """Whether the template says where the tokenizer's start tokens go (``{start}``)."""
+        return any(s.kind == "start" for s in self.segments)
+
+    @property
+    def prompts_first(self) -> bool:
+        """Whether every virtual token comes before the start tokens and everything else (HF PEFT's layout):
+        the template opens with ``[P:n]{start}`` and has no other virtual tokens."""
+        kinds = [s.kind for s in self.segments]
+        return kinds[:2] == ["virtual", "start"] and kinds.count("virtual") == 1
+
+    def with_prefix_prompt(self, num_virtual_tokens: int, layout: str = "ptune") -> "Template":
+        """The template with ``[P:k] `` prepended (prompt tuning's placement): after the tokenizer's start
+        tokens (``layout="ptune"``), or before them (``"peft"``: ``[P:k]{start} ``, HF PEFT's placement)."""
+        start = "{start}" if layout == "peft" else ""
+        return Template.parse(f"[P:{num_virtual_tokens}]{start} {self.source}")
+
+    def in_layout(self, layout: str) -> "Template":
+        """This template (its virtual tokens already placed) in a prompt method's ``prompt_layout``: ``ptune``
+        leaves it as written; ``peft`` needs one ``[P:n]`` group opening it and moves that group before the
+        start tokens (``[P:n]{start} ...``). Any other placement of virtual tokens is refused."""
+        if layout != "peft" or self.prompts_first or not self.num_virtual_tokens:
+            return self
+        lead = self.source.lstrip()
+        first = _VIRTUAL_RE.match(lead)
+        n = int(first.group(1) or 1) if first else 0
+        if n != self.num_virtual_tokens or self.has_start:
+            raise TemplateError(
+                f"--prompt-layout peft (prompt_layout='peft') puts every virtual token before the tokenizer's "
+                f"start tokens, where HF PEFT prepends them, but template {self.source!r} places virtual tokens "
+                f"elsewhere; give a template opening with one [P:n] and no other [P] markers (e.g. "
+                f"'[P:{self.num_virtual_tokens}] {{text}}'), or keep the default --prompt-layout ptune")
+        rest = lead[first.end():]
+        return Template.parse(f"[P:{n}]{{start}}{rest}")
 
     def __str__(self) -> str:
         return self.source
@@ -205,6 +244,8 @@ class TemplateEncoder:
                 vcount += seg.value
             elif seg.kind == "mask":
                 pieces.append(("mask", [] if self.causal else [self.tokenizer.mask_token_id], []))
+            elif seg.kind == "start":  # invisible in the text: the space before it carries on to what follows
+                pieces.append(("start", list(self._prefix_ids), []))
             elif token_fields is not None and seg.value in token_fields:
                 ids = list(token_fields[seg.value])
                 pieces.append(("tokens", ids, list(range(len(ids)))))
@@ -230,7 +271,7 @@ class TemplateEncoder:
                                               if self.tokenizer.eos_token_id is not None else [])
         # 2. truncate the longest field until everything fits
         fixed = len(self._prefix_ids) + len(self._suffix_ids) + len(target_ids) + sum(
-            len(p[1]) for p in pieces if p[0] != "field")
+            len(p[1]) for p in pieces if p[0] not in ("field", "start"))
         budget = self.max_length - fixed
         if budget < len([p for p in pieces if p[0] == "field"]):
             raise ConfigError(
@@ -240,8 +281,8 @@ class TemplateEncoder:
         while sum(lengths) > budget:
             k = max(range(len(lengths)), key=lambda j: lengths[j])
             lengths[k] -= 1
-        # 3. assemble
-        input_ids = list(self._prefix_ids)
+        # 3. assemble (the start tokens open the row, unless the template's {start} says where they go)
+        input_ids = [] if tpl.has_start else list(self._prefix_ids)
         vindex = [-1] * len(input_ids)
         word_ids = [-1] * len(input_ids)
         label_position = -1

@@ -22,7 +22,8 @@ causal-LM head as the masked / causal LM itself. Prompt methods cannot be merged
 refused with a pointer to ``--format peft``.
 
 Where the client cannot compute what ptune computes, the export says so: PEFT prepends prompts in
-front of every token (ptune puts them where the template says, e.g. after ``[CLS]``) and feeds deep
+front of every token (ptune puts them where the template says, e.g. after ``[CLS]``, unless the run was
+trained with ``prompt_layout="peft"`` / ``--prompt-layout peft``, PEFT's placement) and feeds deep
 prompts as a KV cache (its real tokens then take positions P..P+T-1, ptune's 0..T-1). Every export is
 measured on a few probe inputs: the merged folder's model itself; for PEFT, ptune's model run on PEFT's
 layout (the same computation, as ``tests/test_peft_parity.py`` checks). The verdict, the differences

@@ -25,6 +25,9 @@ from .client_head import _client_head, _ClientHead, _head_use, _lm_notes
 from .common import HEAD_NAME, ExportResult, _batch, _gap, _probe_examples, _reordered, _scale_tol, _Source
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+_LAYOUT_FIX = ("; train with --prompt-layout peft (prompt_layout='peft': the virtual tokens before the tokenizer's "
+               "start tokens, as PEFT puts them), and --pooling pooler on BERT-family bases, for an export PEFT "
+               "reproduces exactly")
 
 
 def _base_path(model: PtuneModel) -> str:
@@ -141,8 +144,9 @@ def _layout_gap(source: _Source, peft_type: str) -> tuple[float | None, list[str
                 f"PEFT model with position_ids=torch.arange(T){start - P:+d} (PEFT adds {P}) for ptune's outputs exactly")
     else:
         n = model.template.num_virtual_tokens
+        fix = _LAYOUT_FIX if getattr(model.method_config, "prompt_layout", "peft") != "peft" else ""
         what = (f"prompt position: ptune's template {model.template.source!r} places the {n} virtual tokens "
-                f"where it says; PEFT prepends them before every token")
+                f"where it says; PEFT prepends them before every token" + fix)
         if examples is not None:
             first = examples[0]
             where = [i for i, v in enumerate(first.virtual_index) if v >= 0]
@@ -152,7 +156,7 @@ def _layout_gap(source: _Source, peft_type: str) -> tuple[float | None, list[str
                 before = source.tokenizer.convert_ids_to_tokens(first.input_ids[:where[0]]) if where[0] else []
                 what = (f"prompt position: ptune's template {model.template.source!r} puts the {n} virtual tokens at "
                         f"positions {_spans(where)}" + (f" (after {' '.join(before)})" if before else "")
-                        + f"; PEFT prepends all {n} before the first token")
+                        + f"; PEFT prepends all {n} before the first token" + fix)
     if examples is None:
         return None, [what + " (not measured: no tokenizer to encode probe texts with)"] if what else []
     ours = model(**_batch(examples, source)).logits

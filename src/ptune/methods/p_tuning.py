@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..templates import Template
 from .base import IdentityHooks
-from .prompt_tuning import InputPrompts, NoPrompt, _check_common, check_prompt_length, prompt_tables, without_prompts
+from .prompt_tuning import LAYOUTS, InputPrompts, NoPrompt, _check_common, check_prompt_length, prompt_tables, without_prompts
 
 ENCODERS = ("lstm", "mlp", "none")
 TASK_ENCODERS = ("shared", "per_task")
@@ -64,6 +64,8 @@ class PTuningConfig:
     """with several prompt tables: shared (one encoder, per-task inputs) | per_task (an encoder per task)"""
     seed: int = 0
     """seed of the prompt's initialisation"""
+    prompt_layout: str = "ptune"
+    """ptune: the template as written ([P:n] after the tokenizer's start tokens) | peft: every virtual token before them, where HF PEFT prepends them ([P:n] [CLS] text [SEP]); a template placing virtual tokens anywhere else is refused"""
 
     def __post_init__(self) -> None:
         if self.task_encoders not in TASK_ENCODERS:
@@ -79,18 +81,20 @@ class PTuningConfig:
         if self.template is not None:
             if Template.parse(self.template).num_virtual_tokens == 0:
                 raise ConfigError(f"P-Tuning template {self.template!r} has no virtual tokens; add [P] or [P:n]")
+            if self.prompt_layout in LAYOUTS:
+                Template.parse(self.template).in_layout(self.prompt_layout)  # a placement PEFT's layout lacks: refused now
         else:
             check_prompt_length(self.num_virtual_tokens)
         _check_common(self)
 
     def template_for(self, task_template: Template) -> Template:
         if self.template is not None:
-            return Template.parse(self.template)
+            return Template.parse(self.template).in_layout(self.prompt_layout)
         if self.num_virtual_tokens == 0:
             return without_prompts(task_template)
         if task_template.num_virtual_tokens:
-            return task_template
-        return task_template.with_prefix_prompt(self.num_virtual_tokens)
+            return task_template.in_layout(self.prompt_layout)
+        return task_template.with_prefix_prompt(self.num_virtual_tokens, self.prompt_layout)
 
 
 class PromptEncoder(nn.Module):

@@ -1,7 +1,8 @@
 """Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
 
 k trainable soft-token embeddings fill the virtual-token placeholders of the template (by default
-``[P:k]`` prepended to the task template). Initialisation: ``random`` (normal, scaled to the
+``[P:k]`` prepended to the task template, after the tokenizer's start tokens; ``prompt_layout="peft"``:
+before them, ``[P:k]{start} ...``, where HF PEFT puts them). Initialisation: ``random`` (normal, scaled to the
 embedding table's spread), ``vocab`` (rows sampled from the vocabulary), ``text`` (the embeddings of
 ``init_text``, repeated or truncated to k) or ``labels`` (the class label words, the paper's best).
 Several prompts can live side by side (``num_tasks``): each row of a batch picks its own through
@@ -21,6 +22,7 @@ from ..templates import Template
 from .base import IdentityHooks
 
 INITS = ("random", "vocab", "text", "labels")
+LAYOUTS = ("ptune", "peft")  # prompt_layout: where the virtual tokens go relative to the tokenizer's start tokens
 
 
 class NoPrompt(IdentityHooks):
@@ -64,6 +66,8 @@ def _check_common(cfg: Any) -> None:
         raise ConfigError(f"init={cfg.init!r} is not one of {INITS}")
     if cfg.init == "text" and not cfg.init_text:
         raise ConfigError("init='text' needs init_text, the words whose embeddings start the prompt")
+    if cfg.prompt_layout not in LAYOUTS:
+        raise ConfigError(f"prompt_layout={cfg.prompt_layout!r} is not one of {LAYOUTS}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class PromptTuningConfig:
     """prompt tables side by side, selected per row by task_ids (set by the engine: tasks of a multi-task run, or --ensemble K)"""
     seed: int = 0
     """for random / vocab init (table k: seed + k)"""
+    prompt_layout: str = "ptune"
+    """ptune: the virtual tokens after the tokenizer's start tokens ([CLS] [P:n] text [SEP]) | peft: before them, where HF PEFT prepends them ([P:n] [CLS] text [SEP]), so `ptune export --format peft` can be exact (with --pooling pooler on BERT-family bases)"""
 
     def __post_init__(self) -> None:
         check_prompt_length(self.num_virtual_tokens)
@@ -89,12 +95,12 @@ class PromptTuningConfig:
         if self.num_virtual_tokens == 0:
             return without_prompts(task_template)
         if task_template.num_virtual_tokens == 0:
-            return task_template.with_prefix_prompt(self.num_virtual_tokens)
+            return task_template.with_prefix_prompt(self.num_virtual_tokens, self.prompt_layout)
         if task_template.num_virtual_tokens != self.num_virtual_tokens:
             raise ConfigError(
                 f"template {task_template.source!r} has {task_template.num_virtual_tokens} virtual tokens "
                 f"but num_virtual_tokens={self.num_virtual_tokens}; make them agree")
-        return task_template
+        return task_template.in_layout(self.prompt_layout)
 
 
 def initial_prompt(init: str, n: int, embedding: nn.Embedding, *, tokenizer: Any = None,
