@@ -4,7 +4,8 @@
 #   ./install.sh test       ... plus the test dependencies (pytest, hypothesis, HF PEFT for parity tests)
 #   ./install.sh serve      ... plus the HTTP server of `ptune serve` (FastAPI, uvicorn, prometheus-client)
 #   ./install.sh studies    ... plus matplotlib, for the plots of ptune compare / sweep / ablate
-#   ./install.sh test,gemma ... extras are comma-separated: test, serve, studies, quant, gemma, bench
+#   ./install.sh track      ... plus the experiment trackers of --report-to (TensorBoard, MLflow, W&B)
+#   ./install.sh test,gemma ... extras are comma-separated: test, serve, studies, track, quant, gemma, bench
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-}"

@@ -27,6 +27,7 @@ from .export import export
 from .options import (add_config_flags, add_field_flag, add_train_options, fields_in_source, flag, methods_named,
                       train_values)
 from .studies.cli import add_study_parsers
+from .version import __version__
 
 LIMITS_SOURCE = Path(__file__).parent / "serve" / "schemas.py"  # Limits, read without importing the serve extra
 
@@ -218,6 +219,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     (``--method lora``, ``--methods lora,bitfit``) shows its option group alone; every flag parses either way."""
     shown = methods_named(argv)
     parser = Parser(prog="ptune", description="Parameter-efficient fine-tuning centred on P-Tuning.")
+    parser.add_argument("--version", action="version", version=f"ptune {__version__}")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub, shown).set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a finished run (or a zero-shot prompt) on a split or a file",

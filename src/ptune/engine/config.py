@@ -17,6 +17,7 @@ import yaml
 from ..errors import ConfigError
 from ..fields import from_values
 from ..heads import HEAD_KINDS
+from .tracking import parse_report_to, parse_tags
 
 SCHEDULERS = ("linear", "cosine", "constant")
 
@@ -146,6 +147,12 @@ class TrainConfig:
     """stop | skip: what a non-finite loss does"""
     log_every: int = 10
     """steps between training-loss lines in metrics.jsonl"""
+    report_to: str = "none"
+    """experiment trackers that get the run's metrics and hyperparameters besides metrics.jsonl: none | tensorboard | mlflow | wandb | all (those installed), or several comma-separated; written under <output-dir>/tracking (install them: ./install.sh track)"""
+    tracking_project: str = "ptune"
+    """the trackers' project: TensorBoard's folder under <output-dir>/tracking, MLflow's experiment, W&B's project (a study: the study folder's name)"""
+    tracking_tags: str | None = None
+    """KEY=VALUE,... recorded with the run by every tracker (MLflow and W&B tags, TensorBoard hyperparameters tag.KEY); a study adds study, study_kind, variant and seed"""
     seed: int = 13
     """seed of the data splits, the batch order and the adapter's initialisation"""
     output_dir: str = "runs/default"
@@ -204,6 +211,7 @@ class TrainConfig:
             (self.attention in ("auto", "sdpa"), "attention", self.attention, "auto or sdpa"),
             (self.cache_limit >= 0, "cache_limit", self.cache_limit, "0 (no cache) or a number of megabytes"),
             (self.cache_dtype in ("float32", "bfloat16"), "cache_dtype", self.cache_dtype, "float32 or bfloat16"),
+            (bool(self.tracking_project.strip()), "tracking_project", self.tracking_project, "a name"),
         ]
         for ok, name, value, want in checks:
             if not ok:
@@ -219,6 +227,7 @@ class TrainConfig:
         if "num_tasks" in self.method_options:
             raise ConfigError("num_tasks follows from the run: one prompt per task of --task a,b (or one with "
                               "--share-prompt), K with --ensemble K; do not set it")
+        parse_report_to(self.report_to), parse_tags(self.tracking_tags)  # names checked; packages when it starts
         self.method_config()  # unknown method or bad option values fail now, before any model loads
 
     @property

@@ -57,8 +57,8 @@ class Trainer:
 
     - from the set-up, fixed for the run: ``acc``, ``precision``, ``directory``, ``tasks``, ``model``
       (as accelerate wrapped it), ``inner`` (the model under the wrapper), ``params``, ``optimizer``,
-      ``scheduler``, ``total`` (steps); ``train_ex`` and ``lengths`` are the tasks' training examples
-      and their token counts;
+      ``scheduler``, ``total`` (steps), ``tracking`` (the experiment trackers); ``train_ex`` and ``lengths``
+      are the tasks' training examples and their token counts;
     - the adapter's loop hooks (None without them): ``extra_loss``, ``after_step``;
     - where the run stands: ``state`` (what a checkpoint saves), ``log`` (metrics.jsonl, opened by
       ``resume``), ``checkpointed_step`` (the step the last checkpoint holds, None before any);
@@ -77,6 +77,7 @@ class Trainer:
         self.train_ex: list[Example] = s.tasks.train_ex
         self.lengths: list[int] = s.tasks.lengths
         self.extra_loss, self.after_step, _ = _adapter_hooks(s.inner.adapter)
+        self.tracking = s.tracking  # --report-to: each metrics.jsonl row goes to the trackers too
         self.state = TrainState()
         self.log: MetricsLog | None = None
         self.checkpointed_step: int | None = None
@@ -110,7 +111,7 @@ class Trainer:
                 print(f"ptune: resumed from step {self.state.step}", flush=True)
         self.checkpointed_step = self.state.step if self.cfg.resume else None
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main,
-                              self.state.step if self.cfg.resume else None)
+                              self.state.step if self.cfg.resume else None, track=self.tracking.log_row)
 
     def fit(self) -> None:
         """Epochs until the step budget or early stopping; Ctrl-C checkpoints, then TrainingInterrupted."""
@@ -244,7 +245,8 @@ class Trainer:
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.seen / (time.perf_counter() - self.t0):.1f}")
         if self.state.step % self.cfg.log_every == 0:
             self.log.write(step=self.state.step, epoch=self.state.epoch, loss=sum(self.running) / len(self.running),
-                           lr=self.scheduler.get_last_lr()[0])
+                           lr=self.scheduler.get_last_lr()[0],
+                           samples_per_second=self.seen / max(time.perf_counter() - self.t0, 1e-9))
             self.running = []
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
@@ -330,6 +332,7 @@ class Trainer:
             tmp = run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             os.replace(tmp, run_dir / "summary.json")
+        self.tracking.end()
         self.acc.wait_for_everyone()
         return summary
 
@@ -344,5 +347,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.resume()
         trainer.fit()
         return trainer.finish()
+    except BaseException as e:  # the trackers' runs end as failed (interrupted: killed)
+        trainer.tracking.end(e)
+        raise
     finally:
         trainer.directory.close()

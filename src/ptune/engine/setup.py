@@ -1,17 +1,20 @@
 """Setting up a training run: from a TrainConfig to what the loop needs, in the order it is built.
 
 :func:`prepare` starts the accelerator, opens (and locks) the run directory, loads the tokenizer and
-the tasks, builds the model (warm-started with ``init_from``), encodes the data, and makes the
-optimizer and the learning-rate schedule; :class:`TrainerSetup` holds the result. The training
+the tasks, builds the model (warm-started with ``init_from``), encodes the data, makes the
+optimizer and the learning-rate schedule, and opens the experiment trackers' runs (``--report-to``,
+:mod:`ptune.engine.tracking`); :class:`TrainerSetup` holds the result. The training
 loop itself (``engine/loop.py``) starts from there. A run refused while setting up leaves no
 directory behind.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +26,15 @@ from ..model import PtuneModel
 from ..multitask import MultiTaskModel
 from ..quantize import make_optimizer
 from ..transfer import warm_start
+from ..version import __version__
 from .build import build_model, encode_records, load_run_tokenizer, load_tasks, make_encoder, model_is_encoder
 from .config import TrainConfig
 from .evaluate import main_metric
+from .checkpoint import latest_checkpoint
 from .precision import run_precision
 from .run_dir import RunDirectory
 from .tasks import RunTasks, TaskData
+from .tracking import TRACKING_DIR, Tracking, flatten, parse_tags, trackers_to_start
 
 
 @dataclass
@@ -45,6 +51,7 @@ class TrainerSetup:
     optimizer: Any  # AdamW (or its 8-bit/paged form) over ``params``, as accelerate prepared it
     scheduler: torch.optim.lr_scheduler.LambdaLR  # warmup, then constant / linear / cosine (:func:`lr_lambda`)
     total: int  # optimizer steps the run takes (--max-steps, or the epochs' worth)
+    tracking: Tracking = field(default_factory=Tracking)  # the experiment trackers (--report-to); none: no-ops
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -72,21 +79,25 @@ def refuse_sharding_without_gpu() -> None:
                               "with `torchrun --standalone --nproc_per_node N -m ptune.cli train ...`")
 
 
-def start_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
-    """A fresh Accelerator for the run and the precision it computes in."""
+def start_accelerator(cfg: TrainConfig) -> tuple[Any, str, Tracking]:
+    """A fresh Accelerator for the run, the precision it computes in and its trackers (not started yet: a
+    tracker whose package is missing is refused here, before the run directory exists)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     refuse_sharding_without_gpu()
+    trackers = trackers_to_start(cfg.report_to)
+    tracking_dir = Path(cfg.output_dir) / TRACKING_DIR
     precision = run_precision(cfg)
     # a second train() in one process (notebooks, tests) may ask for another precision; accelerate
     # keeps one global state, so start it afresh (the process group, if any, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
     # a multi-task batch may hold no row of some task: its head then gets no gradient on that step
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.multi_task else []
-    acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
-    return acc, precision
+    acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers,
+                      log_with=list(trackers) or None, project_dir=str(tracking_dir) if trackers else None)
+    return acc, precision, Tracking(acc, trackers, tracking_dir)
 
 
 def load_model_and_tasks(cfg: TrainConfig, is_main: bool) -> tuple[PtuneModel, RunTasks]:
@@ -148,7 +159,7 @@ def prepare(cfg: TrainConfig) -> TrainerSetup:
     """Everything a run trains with, built in order: accelerator, run directory (opened and locked until
     the caller closes it), tokenizer, tasks, model, encoded data, optimizer, schedule."""
     memory.keep_freed_memory()  # each step reuses the last one's pages (engine/memory.py)
-    acc, precision = start_accelerator(cfg)
+    acc, precision, tracking = start_accelerator(cfg)
     directory = RunDirectory(cfg, acc.is_main_process).open()
     acc.wait_for_everyone()
     try:
@@ -162,9 +173,29 @@ def prepare(cfg: TrainConfig) -> TrainerSetup:
         total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
         model, optimizer = acc.prepare(model, optimizer)
-    except BaseException:  # refused while setting up (bad data, a model that will not load): leave nothing
+        start_tracking(tracking, cfg, acc.unwrap_model(model), directory.path, acc, precision, total)
+    except BaseException as e:  # refused while setting up (bad data, a model that will not load): leave nothing
+        tracking.end(e)
         directory.close(discard=directory.created)
         raise
     return TrainerSetup(acc=acc, precision=precision, directory=directory, tasks=tasks, model=model,
                         inner=acc.unwrap_model(model), params=params, optimizer=optimizer, scheduler=scheduler,
-                        total=total)
+                        total=total, tracking=tracking)
+
+
+def start_tracking(tracking: Tracking, cfg: TrainConfig, model: PtuneModel, run_dir: Path, acc: Any,
+                   precision: str, total: int) -> None:
+    """Open the trackers' runs with the run's hyperparameters: its options, its resolved spec (``spec.*``), the
+    parameter counts, and its tags (``tag.*``); a resumed run goes on from its checkpoint's step."""
+    if not tracking.names:
+        return
+    resume_step = None
+    if cfg.resume:
+        resume_step = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())["step"]
+    trainable, total_params = model.trainable_parameters()
+    tags = parse_tags(cfg.tracking_tags)
+    hyperparameters = {**flatten(cfg.to_dict()), **flatten(model.spec.to_dict(), "spec."),
+                       "trainable_parameters": trainable, "total_parameters": total_params, "total_steps": total,
+                       "precision_used": precision, "processes": acc.num_processes, "ptune_version": __version__,
+                       **{f"tag.{k}": v for k, v in tags.items()}}
+    tracking.start(cfg.tracking_project, cfg.output_dir, hyperparameters, tags, resume_step)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -37,10 +37,12 @@ class TrainState:
 
 
 class MetricsLog:
-    """Appends JSON lines to metrics.jsonl; on resume, drops lines past the checkpoint's step."""
+    """Appends JSON lines to metrics.jsonl; on resume, drops lines past the checkpoint's step. ``track`` (the
+    experiment trackers, :class:`ptune.engine.tracking.Tracking`) gets each row written too."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None,
+                 track: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.enabled, self.track = path, enabled, track
         if enabled and resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -50,3 +52,5 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.track is not None:
+                self.track(row)

@@ -4,7 +4,10 @@ A fresh process per run keeps runs independent and makes each run's time and pea
 A run with ``summary.json`` is finished and reused; one with a checkpoint but no summary was
 interrupted and is resumed; one whose ``config.json`` differs from the plan is refused (the study
 folder was changed by hand). Ctrl-C stops the study after the running run saved what it had;
-running the same command again continues.
+running the same command again continues. With ``--report-to`` each run is tagged with its study, the study's
+kind, its variant and seed, and logs to the study's project (the study folder's name, unless
+``--tracking-project`` names one); MLflow runs share one store, ``<study>/tracking/mlflow.db`` (unless
+``MLFLOW_TRACKING_URI`` names another), TensorBoard's are read together with ``--logdir <study>/runs``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from typing import Any, Callable
 import yaml
 
 from ..engine.config import TrainConfig
+from ..engine.tracking import parse_report_to, parse_tags
 from ..errors import ConfigError, TrainingInterrupted
-from .plan import Study
+from .plan import Study, Variant, slug
 
 # options that may differ between the plan and a run's config.json without changing the run
-VOLATILE = ("resume", "overwrite", "progress", "allow_changes")
+VOLATILE = ("resume", "overwrite", "progress", "allow_changes", "report_to", "tracking_project", "tracking_tags")
 
 
 def cpu_model() -> str:
@@ -56,6 +60,26 @@ def _same_run(run_dir: Path, options: dict[str, Any]) -> None:
                           f"run: remove it, or use another --output-dir")
 
 
+def tracked(options: dict[str, Any], study: Study, output_dir: Path, variant: Variant, seed: int) -> dict[str, Any]:
+    """A run's options with its study's tracker tags (study, study_kind, variant as its folder is named, seed; the
+    user's own --tracking-tags kept) and project, when it reports to a tracker; as they are otherwise."""
+    if not parse_report_to(options.get("report_to", "none")):
+        return options
+    tags = {**parse_tags(options.get("tracking_tags")), "study": output_dir.resolve().name, "study_kind": study.kind,
+            "variant": slug(variant.name), "seed": str(seed)}
+    return {**options, "tracking_tags": ",".join(f"{k}={v}" for k, v in tags.items()),
+            "tracking_project": options.get("tracking_project") or output_dir.resolve().name}
+
+
+def tracking_env(options: dict[str, Any], output_dir: Path) -> dict[str, str]:
+    """The environment of a run reporting to MLflow: the study's one store, unless MLFLOW_TRACKING_URI is set."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or not ({"mlflow", "all"} & set(parse_report_to(
+            options.get("report_to", "none")))):
+        return {}
+    (output_dir / "tracking").mkdir(parents=True, exist_ok=True)
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{(output_dir / 'tracking' / 'mlflow.db').resolve()}"}
+
+
 def run_study(study: Study, output_dir: Path, log: Callable[[str], None] = print,
               extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Train every (variant, seed) not finished yet; returns {"ran": n, "reused": n, "failed": [...]}."""
@@ -65,7 +89,7 @@ def run_study(study: Study, output_dir: Path, log: Callable[[str], None] = print
     ran, reused, failed = 0, 0, []
     for k, (variant, seed) in enumerate(jobs, 1):
         run_dir = study.run_dir(output_dir, variant, seed)
-        options = study.run_options(output_dir, variant, seed)
+        options = tracked(study.run_options(output_dir, variant, seed), study, output_dir, variant, seed)
         state = run_state(run_dir)
         _same_run(run_dir, options)
         label = f"[{k}/{len(jobs)}] {variant.name} seed {seed}"
@@ -80,7 +104,8 @@ def run_study(study: Study, output_dir: Path, log: Callable[[str], None] = print
             if run_dir.exists():  # started but nothing saved yet
                 shutil.rmtree(run_dir)
             log(f"{label}: training -> {run_dir}")
-        code, seconds = _train_in_subprocess(options, run_dir, extra_env)
+        env = {**tracking_env(options, output_dir), **(extra_env or {})}
+        code, seconds = _train_in_subprocess(options, run_dir, env)
         if code == 130:
             raise TrainingInterrupted(f"study interrupted during {variant.name} seed {seed}; run the same command "
                                       f"again to continue (finished runs are reused)")
