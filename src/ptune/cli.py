@@ -98,9 +98,27 @@ def _open_run(args: argparse.Namespace) -> Any:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if not args.generate and (args.output or args.max_new_tokens):
+        raise ConfigError(f"{'--output' if args.output else '--max-new-tokens'} goes with --generate")
     run = _open_run(args)
-    metrics = run.evaluate(split=args.split, file=args.file, limit=args.limit)
-    print(json.dumps(metrics, indent=2))
+    if not args.generate:
+        metrics = run.evaluate(split=args.split, file=args.file, limit=args.limit)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    metrics, predictions = run.evaluate_generation(split=args.split, file=args.file, limit=args.limit,
+                                                   max_new_tokens=args.max_new_tokens)
+    source = Path(args.file).stem if args.file else args.split
+    if args.output:
+        path = Path(args.output)
+    elif args.run:
+        path = Path(args.run) / f"predictions-{source}.jsonl"
+    else:  # zero-shot: no run directory to write into
+        path = Path(f"predictions-zero-shot-{run.task.name}-{source}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
+    os.replace(tmp, path)
+    print(json.dumps({**metrics, "predictions": str(path)}, indent=2))
     return 0
 
 
@@ -229,6 +247,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="validation or test (default test)")
     e.add_argument("--file", help="a labelled data file instead of a split")
     e.add_argument("--limit", type=int, default=0, help="score only the first N records (default 0: all)")
+    gen = e.add_argument_group("evaluation by generation (causal_lm and seq2seq runs)")
+    gen.add_argument("--generate", action="store_true",
+                     help="also answer each record by greedy generation: ROUGE-1/2/L and BLEU-4 against its target, "
+                          "and a predictions file (input, reference, prediction per line)")
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="with --generate: the longest answer in tokens (default: the task's max_target_length, else 64)")
+    gen.add_argument("--output", help="with --generate: the predictions file (default RUN/predictions-SPLIT.jsonl; "
+                                      "zero-shot: ./predictions-zero-shot-TASK-SPLIT.jsonl)")
     e.set_defaults(func=_eval)
     pr = sub.add_parser("predict", help="label new text with a finished run (or a zero-shot prompt)")
     _zero_shot_options(pr)

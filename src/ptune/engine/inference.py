@@ -25,6 +25,7 @@ from .build import (attach_frozen_work, build_model, encode_records, load_task, 
 from .config import TrainConfig
 from ..scoring import score_rows
 from .evaluate import decode_predictions, main_metric, score
+from .generation import generate_and_score, stop_ids
 from .precision import bf16_autocast, run_precision
 from .run_dir import read_run_config
 
@@ -34,7 +35,8 @@ class Run:
 
     ``trust_remote_code`` / ``allow_pickle``: the consent a base loaded that way for training needs
     again. ``Run.zero_shot(cfg)`` gives the same interface for the task's hand-written prompt with
-    nothing trained (method ``manual``, verbalizer head): the zero-shot baseline of every prompt method.
+    nothing trained (method ``manual``; a verbalizer head on a classification task, the causal-LM head on a
+    generation task): the zero-shot baseline of every prompt method.
     """
 
     def __init__(self, path: str | Path, *, task: str | None = None, trust_remote_code: bool = False,
@@ -153,17 +155,36 @@ class Run:
                 mains.append(got[main_metric(run.task)[0]])
             metrics["mean_score"] = sum(mains) / len(mains)
             return metrics
-        if file:
-            records = load_records(file, task=self.task)
-        elif split in self.splits:
-            records = self.splits[split]
-        else:
-            raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
+        records = self._records(split, file)
         examples = encode_records(self.task, self.encoder, records[:limit or None], kind=self.kind)
         members = self._members()
         rows = score_rows(self.model, examples, batch_size=self.config.eval_batch_size,
                               pad_id=self.encoder.placeholder_id, autocast=self.autocast, members=members)
         return score(self.task, examples, rows, members)
+
+    def _records(self, split: str, file: str | None) -> list[dict]:
+        if file:
+            return load_records(file, task=self.task)
+        if split in self.splits:
+            return self.splits[split]
+        raise PtuneError(f"the task has no {split!r} split; pass --file with labelled data")
+
+    def evaluate_generation(self, split: str = "test", file: str | None = None, limit: int = 0,
+                            max_new_tokens: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Evaluation by generation (``ptune eval --generate``): the metrics of :meth:`evaluate` (loss, perplexity)
+        beside ROUGE-1/2/L and BLEU-4 of greedy answers to the split's prompts (``limit`` > 0: the first N), and
+        per record ``{"input", "reference", "prediction"}`` (see :mod:`ptune.engine.generation`)."""
+        self._one_task()
+        if not self.kind.generates:
+            writers = ", ".join(name for name, k in HEAD_KINDS.items() if k.generates)
+            raise ConfigError(f"--generate scores text the model writes; this run's {self.kind.name} head does not write "
+                              f"text (heads that do: {writers}): evaluate it without --generate")
+        metrics = self.evaluate(split, file, limit)
+        records = self._records(split, file)[:limit or None]
+        scores, predictions = generate_and_score(
+            self.model, self.tokenizer, self.task, self.encoder, records, max_new_tokens=max_new_tokens,
+            batch_rows=self.config.eval_batch_size, autocast=self.autocast)
+        return {**metrics, **scores, "generated": len(predictions)}, predictions
 
     def _members(self) -> list[dict[int, Any]] | None:
         return [{} for _ in range(self.model.spec.ensemble)] if self.model.spec.ensemble > 1 else None
@@ -219,6 +240,7 @@ class Run:
         rows = [self.encoder.encode(r) for r in records]
         batch = collate(rows, pad_id=self.encoder.placeholder_id, left=True)
         tok = self.tokenizer
+        generate_kwargs.setdefault("eos_token_id", stop_ids(self.model, tok))  # a chat turn's end too (Gemma)
         out = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["virtual_index"],
                                   max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **generate_kwargs)
         return [tok.decode(seq, skip_special_tokens=True) for seq in out]

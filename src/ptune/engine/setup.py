@@ -27,7 +27,11 @@ from ..multitask import MultiTaskModel
 from ..quantize import make_optimizer
 from ..transfer import warm_start
 from ..version import __version__
-from .build import build_model, encode_records, load_run_tokenizer, load_tasks, make_encoder, model_is_encoder
+from ..data import Task
+from ..heads import HEAD_KINDS
+from ..metrics import GENERATION_METRICS
+from .build import (build_model, encode_records, load_run_tokenizer, load_tasks, make_encoder, model_is_encoder,
+                    task_head)
 from .config import TrainConfig
 from .evaluate import main_metric
 from .checkpoint import latest_checkpoint
@@ -119,6 +123,7 @@ def load_model_and_tasks(cfg: TrainConfig, is_main: bool) -> tuple[PtuneModel, R
         if lower:
             raise ConfigError(f"a multi-task run keeps the adapter with the best mean of its tasks' main metrics, "
                               f"which must all be higher-is-better; {', '.join(lower)} are not (train them alone)")
+    chosen = chosen_metric(cfg, tasks)
     model = build_model(cfg, tasks if multi else tasks[0], tokenizer, encoder_model=encoder)
     if cfg.init_from:
         note = (lambda line: print(f"ptune: {line}", flush=True)) if is_main else None
@@ -137,8 +142,37 @@ def load_model_and_tasks(cfg: TrainConfig, is_main: bool) -> tuple[PtuneModel, R
         train_ex.extend(train)
     run_tasks = RunTasks(parts, train_ex, pad_id=parts[0].encoder.placeholder_id,
                          weights=[e.weight for e in cfg.task_entries()], temperature=cfg.task_temperature,
-                         seed=cfg.seed)
+                         seed=cfg.seed, generate_rows=cfg.eval_generate, tokenizer=tokenizer, chosen_metric=chosen)
     return model, run_tasks
+
+
+def chosen_metric(cfg: TrainConfig, tasks: list[Task]) -> tuple[str, bool] | None:
+    """--metric as (key, higher is better), checked against the run's head; with --eval-generate, that every
+    task's head writes text; a metric scored on generated text (--metric, or a task's own) needs --eval-generate."""
+    heads = [task_head(cfg, t).spec for t in tasks]
+    if cfg.eval_generate:
+        silent = [f"{t.name} ({h.name})" for t, h in zip(tasks, heads) if not h.generates]
+        if silent:
+            writers = ", ".join(name for name, k in HEAD_KINDS.items() if k.generates)
+            raise ConfigError(f"--eval-generate scores text the model writes; the head of task {', '.join(silent)} "
+                              f"does not write text (heads that do: {writers}); drop --eval-generate")
+    for t in tasks:
+        if main_metric(t)[0] in GENERATION_METRICS and not cfg.eval_generate:
+            raise ConfigError(f"task {t.name}'s metric {t.metric} is scored on generated text: add --eval-generate N "
+                              "(validation records answered at each evaluation)")
+    if cfg.metric is None:
+        return None
+    if len(tasks) > 1:
+        raise ConfigError("--metric picks the metric of one task; a multi-task run keeps the adapter with the best "
+                          "mean of its tasks' main metrics")
+    try:
+        spec = heads[0].metric(cfg.metric)
+    except ConfigError as e:
+        raise ConfigError(f"--metric: {e}") from None
+    if spec.name in GENERATION_METRICS and not cfg.eval_generate:
+        raise ConfigError(f"--metric {spec.name} is scored on generated text: add --eval-generate N (validation "
+                          "records answered by generation at each evaluation)")
+    return spec.name, spec.higher_is_better
 
 
 def announce(model: PtuneModel, tasks: RunTasks, acc: Any, precision: str) -> None:

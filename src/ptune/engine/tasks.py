@@ -17,6 +17,7 @@ from ..heads import Example
 from ..model import PtuneModel
 from .build import encode_records
 from .evaluate import main_metric, make_batch, make_multitask_batch, predict_logits, score
+from .generation import generate_and_score
 
 
 @dataclass
@@ -44,6 +45,11 @@ class RunTasks:
     weights: list[float]  # each task's sampling weight (several tasks)
     temperature: float  # --task-temperature: 1 samples in proportion to weight * size, higher flattens
     seed: int
+    # --eval-generate N: each evaluation also answers the first N records of the split by greedy generation
+    # (ROUGE / BLEU beside the scoring pass's metrics); ``tokenizer`` decodes the answers
+    generate_rows: int = 0
+    tokenizer: Any = None
+    chosen_metric: tuple[str, bool] | None = None  # --metric: (key, higher is better), instead of the task's
     lengths: list[int] = field(init=False)  # token count of each training example (length-grouped batches)
 
     def __post_init__(self) -> None:
@@ -55,8 +61,10 @@ class RunTasks:
 
     @property
     def metric(self) -> tuple[str, bool]:
-        """(key, higher is better) of the number the best adapter is kept by: the task's main metric, or
-        for several tasks the mean of theirs (all higher-is-better, checked when set up)."""
+        """(key, higher is better) of the number the best adapter is kept by: --metric, else the task's main
+        metric, or for several tasks the mean of theirs (all higher-is-better, checked when set up)."""
+        if self.chosen_metric is not None:
+            return self.chosen_metric
         return ("mean_score", True) if self.multi else main_metric(self.parts[0].task)
 
     def epoch_pool(self, epoch: int) -> list[int]:
@@ -96,7 +104,10 @@ class RunTasks:
         """Metrics of every task on a split, each process of ``acc`` (an Accelerator) predicting its share
         (several tasks: ``task/metric`` and ``mean_score``, the mean of the tasks' main metrics)."""
         def score_part(part: TaskData, examples: list[Example]) -> dict[str, float]:
-            return score_on_processes(acc, part, examples, batch_size=batch_size, pad_id=self.pad_id)
+            metrics = score_on_processes(acc, part, examples, batch_size=batch_size, pad_id=self.pad_id)
+            if self.generate_rows and part.model.head_config.spec.generates:
+                metrics.update(self.generated(part, examples, acc, batch_size))
+            return metrics
 
         if not self.multi:
             part = self.parts[0]
@@ -112,6 +123,14 @@ class RunTasks:
             mains.append(got[main_metric(part.task)[0]])
         metrics["mean_score"] = sum(mains) / len(mains)
         return metrics
+
+    def generated(self, part: TaskData, examples: list[Example], acc: Any, batch_size: int) -> dict[str, float]:
+        """ROUGE-1/2/L and BLEU-4 of greedy answers to the first ``generate_rows`` records. Every process
+        decodes the same records (greedy: the same answers), so each keeps the same best adapter."""
+        records = [e.record for e in examples[:self.generate_rows]]
+        scores, _ = generate_and_score(part.model, self.tokenizer, part.task, part.encoder, records,
+                                       batch_rows=batch_size, autocast=acc.autocast)
+        return scores
 
     def counts(self) -> dict[str, Any]:
         """The summary's example counts: ``examples`` (all tasks), and ``tasks`` (per task) when several."""

@@ -5,8 +5,9 @@ Training records are prompt/response pairs with the loss on the response only (t
 conversations (alpaca, chat, sharegpt, ChatGLM records: the task's ``format``, see
 :mod:`ptune.data.formats`) rendered with the tokenizer's chat template, the loss on every assistant
 turn (:mod:`ptune.heads.chat`). The
-metrics are the mean token loss and its perplexity over the scored tokens; generation goes through
-``PtuneModel.generate``.
+metrics are the mean token loss and its perplexity over the scored tokens, and, from generated text,
+ROUGE-1/2/L and BLEU-4 against the target (evaluation by generation: ``ptune.engine.generation``);
+generation goes through ``PtuneModel.generate`` / ``ptune.decoding.Decoder``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ class CausalLMHead(HeadBase):
     base_kinds = ("causal_lm",)
     data_formats = True  # prompt/response, alpaca, chat, sharegpt, ChatGLM records (ptune.data.formats)
     new_weights = False
-    metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("perplexity", higher_is_better=False))
+    # loss and perplexity from the teacher-forced scoring pass; the others score generated text against the
+    # target (ptune.metrics.generation_scores), reported by `ptune eval --generate` and `--eval-generate N`
+    metrics = (MetricSpec("loss", higher_is_better=False), MetricSpec("perplexity", higher_is_better=False),
+               MetricSpec("rouge1"), MetricSpec("rouge2"), MetricSpec("rougeL", aliases=("rouge_l", "rougel")),
+               MetricSpec("bleu4", aliases=("bleu", "bleu-4")))
 
     def check_config(self, config: HeadConfig) -> None:
         pass  # the vocabulary is the label set
