@@ -3,49 +3,102 @@
 torchrun, not ``accelerate launch --cpu``: accelerate 1.x starts a CPU "multi-process" launch as ONE
 process unless MPI is installed (its simple launcher), so a test launched that way compares a run
 with itself. Each test checks that two ranks really ran.
+
+The helpers here are shared with test_multinode.py and test_fsdp.py: one toy task and one
+single-process reference run per method, trained once per session (in this process: no fresh
+interpreter), which every launch's losses are compared with.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+METHOD_ARGS = {"prompt_tuning": ["--num-virtual-tokens", "4"], "p_tuning_v2": ["--num-virtual-tokens", "4"],
+               "lora": []}
+_SHARED: dict = {}  # one toy task and one reference run per method, for the whole session
 
 
-def test_two_process_ddp_matches_single(tiny_model_dir, toy_task, tmp_path):
-    common = ["--model", tiny_model_dir, "--task", toy_task["task"], "--train-file", toy_task["train_file"],
-              "--validation-file", toy_task["validation_file"], "--method", "prompt_tuning",
-              "--num-virtual-tokens", "4", "--epochs", "2", "--batch-size", "8", "--lr", "5e-3",
-              "--precision", "fp32", "--no-progress", "--log-every", "1",
-              "--head-dropout", "0"]  # dropout draws other masks when a batch is split across processes
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "ptune.cli", "train", *common, "--output-dir", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([*TORCHRUN, "-m", "ptune.cli", "train", *common, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
+def toy_files(tmp_path_factory) -> dict[str, str]:
+    """conftest's toy task (two classes, train / validation / test CSVs), written once per session."""
+    if "toy" not in _SHARED:
+        from conftest import FOOD, SPORT
+
+        root = tmp_path_factory.mktemp("launch-toy")
+        rows = [(t, "sport") for t in SPORT] + [(t, "food") for t in FOOD]
+        files = {}
+        for split, data in (("train", rows * 3), ("validation", rows), ("test", rows)):
+            with open(root / f"{split}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["text", "label"])
+                w.writerows(data)
+            files[f"{split}_file"] = str(root / f"{split}.csv")
+        (root / "task.yaml").write_text("name: toy\ntask_type: classification\nlabels: [sport, food]\n"
+                                        "label_words: {sport: sports, food: food}\nmax_length: 32\n")
+        _SHARED["toy"] = {"task": str(root / "task.yaml"), **files}
+    return _SHARED["toy"]
+
+
+def train_args(model_dir: str, task: dict[str, str], method: str = "prompt_tuning") -> list[str]:
+    """The run every launch test trains: 2 epochs of 5 steps, fp32, every step's loss logged."""
+    return ["train", "--model", model_dir, "--task", task["task"], "--train-file", task["train_file"],
+            "--validation-file", task["validation_file"], "--test-file", task["test_file"], "--method", method,
+            *METHOD_ARGS[method], "--epochs", "2", "--batch-size", "8", "--lr", "5e-3", "--precision", "fp32",
+            "--no-progress", "--log-every", "1",
+            "--head-dropout", "0"]  # dropout draws other masks when a batch is split across processes
+
+
+def read_run(run_dir) -> tuple[list[float], dict]:
+    """A run's per-step training losses (metrics.jsonl) and its summary.json."""
+    rows = [json.loads(x) for x in open(Path(run_dir) / "metrics.jsonl")]
+    return ([r["loss"] for r in rows if "loss" in r and r.get("split") is None],
+            json.loads((Path(run_dir) / "summary.json").read_text()))
+
+
+def single_run(model_dir: str, tmp_path_factory, method: str = "prompt_tuning") -> Path:
+    """The single-process reference run of ``method``, trained once per session in this process."""
+    key = ("single", model_dir, method)
+    if key not in _SHARED:
+        from ptune.cli import main
+
+        out = tmp_path_factory.mktemp(f"single-{method}") / "run"
+        assert main([*train_args(model_dir, toy_files(tmp_path_factory), method), "--output-dir", str(out)]) == 0
+        _SHARED[key] = out
+    return _SHARED[key]
+
+
+def assert_follows_single(run_dir, single_dir, tolerance: float) -> float:
+    """The launch's losses follow the single-process run's step for step (within ``tolerance``); returns the
+    largest difference."""
+    l1, s1 = read_run(single_dir)
+    l2, s2 = read_run(run_dir)
+    assert len(l1) == len(l2) == s1["steps"] == s2["steps"] == 10
+    worst = max(abs(a - b) for a, b in zip(l1, l2))
+    assert worst < tolerance, (l1, l2)
+    assert abs(s1["best_validation_accuracy"] - s2["best_validation_accuracy"]) <= 1 / 12
+    return worst
+
+
+def test_two_process_ddp_matches_single(tiny_model_dir, tmp_path_factory, tmp_path):
+    single = single_run(tiny_model_dir, tmp_path_factory)
+    args = train_args(tiny_model_dir, toy_files(tmp_path_factory))
+    ddp = subprocess.run([*TORCHRUN, "-m", "ptune.cli", *args, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=ENV, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "ptune: 2 processes" in ddp.stdout, ddp.stdout  # really two ranks
     for line in ("ptune: done.", "ptune: adapter:", "ptune: metrics:"):  # the main process alone says it
         assert ddp.stdout.count(line) == 1, ddp.stdout
-
-    def read(name):
-        rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
-        return [r["loss"] for r in rows if "loss" in r and r.get("split") is None], json.loads(
-            (tmp_path / name / "summary.json").read_text())
-
-    l1, s1 = read("one")
-    l2, s2 = read("two")
-    assert len(l1) == len(l2) == s1["steps"] == s2["steps"]
     # each process takes half of every batch and DDP averages gradients: same trajectory up to float order
-    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-3
-    assert abs(s1["best_validation_accuracy"] - s2["best_validation_accuracy"]) <= 1 / 12
+    assert_follows_single(tmp_path / "two", single, 1e-5)
 
 
 NAN_ON_RANK_1 = '''
@@ -79,9 +132,8 @@ def test_nonfinite_loss_on_one_rank_is_decided_on_every_rank(policy, tiny_model_
             "--validation-file", toy_task["validation_file"], "--method", "prompt_tuning", "--num-virtual-tokens",
             "4", "--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--no-progress", "--log-every", "1",
             "--nan-policy", policy, "--output-dir", str(tmp_path / "run")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*TORCHRUN, str(tmp_path / "nan_on_rank_1.py"), *args], capture_output=True, text=True,
-                       env=env, timeout=300)
+                       env=ENV, timeout=300)
     if policy == "skip":
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads((tmp_path / "run" / "summary.json").read_text())

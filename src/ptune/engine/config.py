@@ -111,6 +111,8 @@ class TrainConfig:
     """gradient clipping norm; 0 = off"""
     precision: str = "auto"
     """auto: bf16 autocast where the hardware has it"""
+    sharding: str = "none"
+    """none | fsdp: shard the frozen base's weights across the processes of a torchrun launch with torch's own FSDP (fully_shard; gloo on CPU too), the trainable weights kept whole on each (ptune.engine.sharding)"""
     gradient_checkpointing: bool = False
     """recompute the base's activations in the backward pass (less memory, more time)"""
     base_dropout: str = "auto"
@@ -216,6 +218,7 @@ class TrainConfig:
              "used with init_from only"),
             (self.base_dropout in ("auto", "on", "off"), "base_dropout", self.base_dropout, "auto, on or off"),
             (self.attention in ("auto", "sdpa"), "attention", self.attention, "auto or sdpa"),
+            (self.sharding in ("none", "fsdp"), "sharding", self.sharding, "none or fsdp"),
             (self.cache_limit >= 0, "cache_limit", self.cache_limit, "0 (no cache) or a number of megabytes"),
             (self.cache_dtype in ("float32", "bfloat16"), "cache_dtype", self.cache_dtype, "float32 or bfloat16"),
             (bool(self.tracking_project.strip()), "tracking_project", self.tracking_project, "a name"),

@@ -37,6 +37,7 @@ from .evaluate import main_metric
 from .checkpoint import latest_checkpoint
 from .precision import run_precision
 from .run_dir import RunDirectory
+from .sharding import check_sharding, shard_model
 from .tasks import RunTasks, TaskData
 from .tracking import TRACKING_DIR, Tracking, flatten, parse_tags, trackers_to_start
 
@@ -75,12 +76,14 @@ def lr_lambda(cfg: TrainConfig, total: int):
 def refuse_sharding_without_gpu() -> None:
     """accelerate shards (FSDP, DeepSpeed) on GPUs only: on a CPU-only machine an FSDP launch config
     silently becomes plain DDP (checked: the model comes back wrapped in DistributedDataParallel), so
-    say so instead of training under another engine."""
+    say so instead of training under another engine, and name ptune's own FSDP (``--sharding fsdp``),
+    which shards on CPU."""
     for engine, name in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
             raise ConfigError(f"{name} needs GPUs and this machine has "
                               "none (accelerate would fall back to plain data parallelism); on CPU run data-parallel "
-                              "with `torchrun --standalone --nproc_per_node N -m ptune.cli train ...`")
+                              "with `torchrun --standalone --nproc_per_node N -m ptune.cli train ...`"
+                              + (", sharded with `--sharding fsdp`" if name == "FSDP" else ""))
 
 
 def start_accelerator(cfg: TrainConfig) -> tuple[Any, str, Tracking]:
@@ -101,6 +104,7 @@ def start_accelerator(cfg: TrainConfig) -> tuple[Any, str, Tracking]:
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.multi_task else []
     acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers,
                       log_with=list(trackers) or None, project_dir=str(tracking_dir) if trackers else None)
+    check_sharding(cfg, acc.num_processes)
     return acc, precision, Tracking(acc, trackers, tracking_dir)
 
 
@@ -198,9 +202,13 @@ def prepare(cfg: TrainConfig) -> TrainerSetup:
     acc.wait_for_everyone()
     try:
         model, tasks = load_model_and_tasks(cfg, acc.is_main_process)
+        shards = shard_model(model, acc) if cfg.sharding == "fsdp" else None  # --sharding fsdp: in place
         if acc.is_main_process:
             directory.write_record()
             announce(model, tasks, acc, precision)
+        if shards is not None:
+            acc.wait_for_everyone()  # after the main process's opening lines
+            print(f"ptune: {shards.line()}", flush=True)  # every rank: what it holds
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
         steps_per_epoch = max(1, math.ceil(len(tasks.epoch_pool(0)) / cfg.batch_size) // cfg.grad_accum)

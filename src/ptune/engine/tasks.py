@@ -18,6 +18,7 @@ from ..model import PtuneModel
 from .build import encode_records
 from .evaluate import main_metric, make_batch, make_multitask_batch, predict_logits, score
 from .generation import generate_and_score
+from .sharding import is_sharded
 
 
 @dataclass
@@ -149,9 +150,13 @@ def score_on_processes(acc: Any, part: TaskData, examples: list[Example], *, bat
     gathered before scoring. A prompt ensemble adds each member's main metric (``member_k_<metric>``)."""
     K = part.model.spec.ensemble
     members: list[dict[int, Any]] | None = [{} for _ in range(K)] if K > 1 else None
+    # a sharded model (--sharding fsdp) all-gathers its layers in every forward, on every process together:
+    # each process then scores every example (the same passes), and nothing is left to gather
+    split = not is_sharded(part.model) and acc.num_processes > 1
     logits = predict_logits(part.model, examples, batch_size=batch_size, pad_id=pad_id, device=acc.device,
-                            autocast=acc.autocast, shard=(acc.process_index, acc.num_processes), members=members)
-    if acc.num_processes > 1:
+                            autocast=acc.autocast, shard=(acc.process_index, acc.num_processes) if split else (0, 1),
+                            members=members)
+    if split:
         merged: dict = {}
         merged_members: list[dict] = [{} for _ in range(K)]
         for rows, member_rows in acc.gather_for_metrics([(logits, members)], use_gather_object=True):
