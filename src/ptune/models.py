@@ -118,9 +118,11 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
             f"{missing[0]}); a verbalizer or causal-LM head needs one: use --head classification, or a model "
             "saved with its LM head")
     if quantize is not None:
-        from .quantize import hold_quantized_weights
+        from .quantize import hold_quantized_weights, quantize_base_embeddings
 
         hold_quantized_weights(model)
+        if kind != "seq2seq_lm" and not is_encoder(model.config):  # a decoder's token table and (tied) LM head
+            quantize_base_embeddings(model, quantize)
     model.config._ptune_source = name
     # how it was loaded, so that a model built on it records the same and reloads it the same way (kept
     # beside the model, not in its config, so save_pretrained never writes it out)
@@ -184,13 +186,19 @@ def fingerprint(model: nn.Module) -> dict:
     """
     facts = asdict(arch_facts(model))
     h = hashlib.sha256()
-    # floating-point weights only: bitsandbytes repacks 4-bit weights in place on first use
-    params = [p for _, p in sorted(backbone_of(model).named_parameters(), key=lambda kv: kv[0])
-              if p.is_floating_point()]
+    # floating-point weights only: bitsandbytes repacks 4-bit weights in place on first use. A quantized token
+    # table (ptune.quantized_embedding) counts as the weight it replaced, by the sample taken of it as loaded,
+    # so a base fingerprints the same with its table quantized or not
+    from .quantized_embedding import QuantizedEmbedding, weight_sample
+
+    body = backbone_of(model)
+    named = [(n, p) for n, p in body.named_parameters() if p.is_floating_point()]
+    named += [(f"{n}.weight" if n else "weight", m.table) for n, m in body.named_modules()
+              if isinstance(m, QuantizedEmbedding)]
+    params = [p for _, p in sorted(named, key=lambda kv: kv[0])]
     for p in (params[0], params[len(params) // 2], params[-1]):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
-        h.update(sample.float().cpu().numpy().tobytes())
+        sample = p.fingerprint_sample if isinstance(p, nn.Module) else weight_sample(p)
+        h.update(sample.numpy().tobytes())
     facts["weights_sha256"] = h.hexdigest()[:16]
     facts["name"] = str(getattr(model.config, "_ptune_source", None) or model.config.name_or_path or "")
     return facts

@@ -5,7 +5,8 @@ of 64 weights share one absmax scale, each weight is the nearest of the 16 NF4 v
 that scale, and the scales themselves are quantized to 8 bits in blocks of 256 ("double
 quantization"). Compute runs in bf16. bitsandbytes does the kernels (CPU included); this module
 only configures them (``bnb_config`` for ``load_base``), quantizes already-built models
-(``quantize_model``: tests, tiny models), reports what it did (``describe_quantization``) and picks
+(``quantize_model``: tests, tiny models), quantizes a loaded decoder's token table and tied LM head too
+(``quantize_base_embeddings``, which ``load_base`` calls: :mod:`ptune.quantized_embedding`), reports what it did (``describe_quantization``) and picks
 the optimizer (``make_optimizer``: paged AdamW on CUDA, torch AdamW elsewhere). LoRA on top of the
 quantized layers is :mod:`ptune.methods.qlora`.
 """
@@ -53,7 +54,7 @@ def bnb_config(kind: str) -> Any:
 
 
 def quantize_model(model: nn.Module, kind: str = "nf4",
-                   skip: Iterable[str] = ("lm_head", "classifier", "score")) -> nn.Module:
+                   skip: Iterable[str] = ("lm_head", "classifier", "score"), *, embeddings: bool = False) -> nn.Module:
     """Replace the model's nn.Linear layers (except heads) in place by bitsandbytes' quantized layers.
 
     ``nf4``: ``Linear4bit`` built from the fp weights, NF4 blocks of 64, double quantization, bf16
@@ -64,6 +65,9 @@ def quantize_model(model: nn.Module, kind: str = "nf4",
     Layers whose input width is not a multiple of 64 stay in full precision: bitsandbytes 0.50's
     native CPU kernel dequantizes such NF4 weights wrongly (errors up to the block's absmax where
     NF4 allows 0.14 of it), so quantizing them would corrupt the model rather than compress it.
+
+    ``embeddings``: also quantize a decoder's token table and its (tied) LM head, as ``load_base`` does
+    (:func:`ptune.quantized_embedding.quantize_embeddings`; any width: rows are padded to whole blocks).
     """
     try:
         import bitsandbytes as bnb
@@ -94,6 +98,10 @@ def quantize_model(model: nn.Module, kind: str = "nf4",
         q = q.to(w.device)  # packs the weight (4-bit codes + constants, or int8 + row scales)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    if embeddings:
+        from .quantized_embedding import quantize_embeddings
+
+        quantize_embeddings(model, kind)
     return hold_quantized_weights(model)
 
 
@@ -110,6 +118,27 @@ def hold_quantized_weights(model: nn.Module) -> nn.Module:
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     return model
+
+
+def quantize_base_embeddings(model: nn.Module, kind: str) -> dict[str, Any]:
+    """Quantize a loaded decoder's token table when its LM head shares it (tied: Gemma, ...) the same way as its
+    linear layers (:func:`ptune.quantized_embedding.quantize_embeddings`), then drop every reference the
+    model still holds to the loaded weight file: transformers memory-maps safetensors, and a full-precision
+    parameter left viewing the map (a norm) keeps the map, with every page of the table already read,
+    resident. The small remaining full-precision parameters are copied out of the map."""
+    from .quantized_embedding import quantize_embeddings, release_memory, tied_table
+
+    # only a table the LM head shares: an untied model keeps transformers' layout (and so stays what a PEFT
+    # client loading the same base with BitsAndBytesConfig computes, which ptune's peft export promises)
+    info = quantize_embeddings(model, kind) if tied_table(model) else {}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_floating_point() and not is_quantized_layer(module):
+                    p.data = p.data.clone()
+    release_memory()
+    model._ptune_quantized_embeddings = info
+    return info
 
 
 def dequantize(layer: nn.Module) -> torch.Tensor:
