@@ -105,8 +105,10 @@ def build_member(base: nn.Module, tokenizer: Any, name: str, adapter_dir: Path, 
     # generating or verbalizer adapters): built on the body inside it, its layer names prefixed to the base's
     root, prefix = base, ""
     if spec.base.kind == "backbone" and backbone_of(base) is not base:
-        root = backbone_of(base)
-        prefix = next(n for n, m in base.named_modules() if m is root) + "."
+        body = next(n for n, m in base.named_modules() if m is backbone_of(base)) + "."
+        named_in_base = any(k.startswith("base." + body) for k in tensors)  # trained on the LM class itself
+        if any(k.startswith("base.") for k in tensors) and not named_in_base:
+            root, prefix = backbone_of(base), body
     try:
         model = from_spec(spec, root, tokenizer)
     except PtuneError as e:
