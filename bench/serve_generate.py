@@ -14,11 +14,12 @@ clients (closed loop: each sends its next request when the last one is answered)
 events, ``stream_options.include_usage``). Both modes get the very same requests. Measured client-side:
 new tokens per second over the timed phase (the sum of ``usage.completion_tokens`` / wall time), time to
 first token (request sent -> first text chunk) p50 / p99, non-200 answers; server-side: peak RSS (VmHWM
-at the end). Every batched answer is compared with the same request's answer from the one-at-a-time
+at the end), CPU seconds of the server and of this client process (one asyncio process, httpx streaming:
+it shares the cores), the load average before and after. Every batched answer is compared with the same request's answer from the one-at-a-time
 server, where it was decoded alone.
 
-    python bench/serve_generate.py            # ~5-8 minutes on 2 CPU cores (the base in bf16, as packaged)
-    python bench/serve_generate.py --dtype float32 --out bench/results/serve_generate_fp32.json
+    python bench/serve_generate.py            # ~5-8 minutes on 2 CPU cores (serve --dtype auto: float32 on a CPU)
+    python bench/serve_generate.py --dtype bfloat16 --out bench/results/serve_generate_bf16.json
     python bench/serve_generate.py --base /path/to/tiny-model --requests 8 --new-tokens 4 --out /tmp/x.json
 
 Writes raw numbers to bench/results/serve_generate.json.
@@ -31,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -104,6 +106,11 @@ def start_server(paths: dict[str, Path], flags: list[str]) -> tuple[subprocess.P
     return proc, url
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -161,7 +168,11 @@ def run_mode(paths: dict[str, Path], flags: list[str], jobs: list[tuple[str, str
     proc, url = start_server(paths, flags)
     try:
         asyncio.run(load(url, jobs[:2], 2, 2))  # warm-up: the first forward passes
+        server_cpu, client_cpu, loadavg = cpu_seconds(proc.pid), resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()
         results, wall = asyncio.run(load(url, jobs, clients, new))
+        server_cpu = cpu_seconds(proc.pid) - server_cpu
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = end.ru_utime + end.ru_stime - client_cpu.ru_utime - client_cpu.ru_stime
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         rss = peak_rss_mib(proc.pid)
     finally:
@@ -180,7 +191,9 @@ def run_mode(paths: dict[str, Path], flags: list[str], jobs: list[tuple[str, str
                "new_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
                "ttft_p50_s": round(quantile(ttft, 0.5), 3) if ttft else None,
                "ttft_p99_s": round(quantile(ttft, 0.99), 3) if ttft else None,
-               "peak_rss_mib": round(rss, 1), "exit_code": code,
+               "peak_rss_mib": round(rss, 1), "exit_code": code, "server_cpu_s": round(server_cpu, 1),
+               "client_cpu_s": round(client_cpu, 1), "loadavg_1m_before_after": [round(loadavg[0], 2),
+                                                                               round(os.getloadavg()[0], 2)],
                "mean_rows_per_step": round(rows["ptune_decode_rows_sum"] / rows["ptune_decode_rows_count"], 2)
                if rows.get("ptune_decode_rows_count") else None,
                "errors": [r.get("error") for r in results if r["status"] != 200][:5]}
@@ -194,23 +207,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--noise", type=float, default=0.02, help="std of the noise added to the adapters' weights")
-    ap.add_argument("--dtype", choices=("saved", "float32"), default="saved", help="saved: the base as its folder "
-                    "holds it (the packaged Gemma: bf16); float32: a float32 copy of it saved first and served")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "saved"), default="auto",
+                    help="ptune serve --dtype (auto: float32 on a CPU; saved: as the base's folder holds it, the "
+                    "packaged Gemma in bf16)")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_generate.json"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="serve-generate-") as tmp:
         base = args.base
-        if args.dtype == "float32":  # the server loads the base as its folder holds it: hand it a float32 folder
-            folder = Path(tmp) / "base-float32"
-            ptune.load_base(base, "causal_lm", dtype=torch.float32).save_pretrained(folder)
-            load_tokenizer(base).save_pretrained(folder)
-            base = str(folder)
         paths = make_adapters(base, Path(tmp), args.noise)
         base_id = ptune.adapter_io.read_spec(paths["prompt"]).base.name
-        served_dtype = str(next(ptune.load_base(base, "causal_lm").parameters()).dtype)
+        saved = str(next(ptune.load_base(base, "causal_lm").parameters()).dtype)
+        served_dtype = {"auto": "float32" if not torch.cuda.is_available() else saved, "saved": saved}.get(
+            args.dtype, args.dtype)
         models = list(paths) + [base_id]
         jobs = [(models[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
-        common = ["--max-new-tokens", str(max(args.new_tokens, 1))]
+        common = ["--max-new-tokens", str(max(args.new_tokens, 1)), "--dtype", args.dtype]
         batched, got = run_mode(paths, common, jobs, args.clients, args.new_tokens)
         alone, want = run_mode(paths, common + ["--max-decode-rows", "1"], jobs, args.clients, args.new_tokens)
     same = [g.get("text") == w.get("text") and g["status"] == 200 for g, w in zip(got, want)]

@@ -441,3 +441,21 @@ def test_per_adapter_batching_gives_one_forward_pass_per_adapter(aset, monkeypat
     by_le = {s.labels["le"]: s.value for s in samples["ptune_batch_adapters_bucket"]}
     assert by_le["1.0"] == 2  # two batches, of one adapter each
     assert samples["ptune_batch_rows_sum"][0].value == 5 and samples["ptune_batch_requests_sum"][0].value == 2
+
+
+def test_dtype_of_the_served_base(gpt2_paths):
+    """--dtype: auto loads a generating set's base in float32 on a CPU (greedy answers then do not depend on which
+    requests share a decoding step), float32 as asked; bfloat16 of a base saved in float32 changes its weights, so the
+    adapters' fingerprint check refuses it; anything else is refused."""
+    import torch
+
+    from ptune.serve.adapters import Adapters
+
+    paths = [f"gen={gpt2_paths['gen']}", f"cls={gpt2_paths['cls']}"]
+    for dtype in ("auto", "float32", "saved"):
+        a = Adapters.load(paths, dtype=dtype)
+        assert next(a.set.base.parameters()).dtype == torch.float32 and a.names == ["gen", "cls"]
+    with pytest.raises(ptune.AdapterMismatchError, match="differs in weights_sha256"):
+        Adapters.load(paths, dtype="bfloat16")
+    with pytest.raises(ptune.ConfigError, match="--dtype='float64' must be one of auto, float32, bfloat16, saved"):
+        create_app(paths, dtype="float64")

@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"ptune serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
                           "pip install 'ptune[serve]' (or ./install.sh serve)") from None
     limits = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("limit.")}
-    options = {k: getattr(args, k) for k in ("allow_admin", "batching", *RUN_CONSENT)}
+    options = {k: getattr(args, k) for k in ("allow_admin", "batching", "dtype", *RUN_CONSENT)}
     return serve(args.adapters, host=args.host, port=args.port, log_level=args.log_level, **limits, **options)
 
 
@@ -224,6 +224,10 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     sv.add_argument("--batching", choices=("mixed", "per-adapter"), default="mixed", help="mixed (default): "
                     "requests of any adapters share one forward pass; per-adapter: one adapter per forward pass "
                     "(how a server of one adapter at a time batches; for comparison)")
+    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "saved"), default="auto", help="the base's "
+                    "weights: auto (default): float32 on a CPU where the base or an adapter generates, so a greedy "
+                    "answer does not depend on which requests share its decoding step (bf16 rounds differently at "
+                    "other batch shapes); float32, bfloat16; saved: as the base's folder holds it")
     sv.add_argument("--allow-admin", action="store_true", help="allow POST /v1/adapters and DELETE "
                     "/v1/adapters/NAME (load and unload adapters at run time)")
     sv.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")

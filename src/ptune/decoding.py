@@ -144,7 +144,8 @@ class Decoder:
         out: list[tuple[Row, int]] = []
         if self.rows:
             out += self._decode()
-        newcomers = [r for r in self.waiting if not r.done]
+        # each adapter's rows side by side (the set's hooks then act on a slice of the batch, a view, not gathered rows)
+        newcomers = sorted((r for r in self.waiting if not r.done), key=lambda r: r.member)
         self.waiting = []
         if newcomers:
             out += self._prefill(newcomers)
@@ -235,6 +236,12 @@ class Decoder:
             old.values = torch.cat([_left_pad(old.values, total), _left_pad(new.values, total)])
         self.width = total
         self.rows += rows
+        order = sorted(range(len(self.rows)), key=lambda i: self.rows[i].member)  # stable: arrival order within one
+        if order != list(range(len(self.rows))):
+            self.rows = [self.rows[i] for i in order]
+            index = torch.tensor(order, device=self.device)
+            for layer in self._layers(self.cache):
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.done]

@@ -82,6 +82,7 @@ class SetAdapter(IdentityHooks):
         self.wrappers: dict[str, MultiLowRankLayer] = {}  # layer name -> the one wrapper on it
         self.bias_hooks: dict[str, Any] = {}  # module name -> forward hook handle
         self._bias_route: dict[str, list[tuple[Any, torch.Tensor]]] = {}
+        self._kwargs_memo: tuple[Any, dict[str, Any]] | None = None  # the last batch composition's prefix arguments
 
     def _present(self, task_ids: torch.Tensor | None, count: int) -> list[tuple[Member, Any]]:
         order = list(self.members.values())
@@ -104,6 +105,17 @@ class SetAdapter(IdentityHooks):
         return embeds
 
     def attention_kwargs(self, batch_size: int, task_ids: Any) -> dict[str, Any]:
+        if torch.is_grad_enabled():
+            return self._attention_kwargs(batch_size, task_ids)
+        # decoding calls this every step with the same rows: the padded prefixes are built once per batch
+        # composition (and rebuilt when a member's prefix tensor is replaced: a member added or removed)
+        key = (batch_size, None if task_ids is None else tuple(task_ids.tolist()),
+               tuple((n, id(m.prefix), id(m.prefix_layers)) for n, m in self.members.items()))
+        if self._kwargs_memo is None or self._kwargs_memo[0] != key:
+            self._kwargs_memo = (key, self._attention_kwargs(batch_size, task_ids))
+        return self._kwargs_memo[1]
+
+    def _attention_kwargs(self, batch_size: int, task_ids: Any) -> dict[str, Any]:
         present = self._present(task_ids, batch_size)
         parts = [(rows, m.prefix) for m, rows in present if m.prefix is not None]
         if not parts:

@@ -8,13 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..adapter_io import find_adapter, read_spec
+import torch
+
+from ..adapter_io import find_adapter, load_base_for, read_spec
 from ..adapter_set import AdapterSet, adapter_names
 from ..adapter_set.members import base_kind_of
 from ..encoder_decoder import SEQ2SEQ_KIND
 from ..errors import AdapterMismatchError, ConfigError, PtuneError
 from ..heads import head_kind
-from ..models import GENERATIVE_BASE_KINDS, describe
+from ..models import GENERATIVE_BASE_KINDS, describe, fullest_base_kind, load_tokenizer
+
+
+DTYPES = ("auto", "float32", "bfloat16", "saved")
 
 
 def _generates(spec: Any) -> bool:
@@ -62,7 +67,15 @@ class Adapters:
         self.consent = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
 
     @classmethod
-    def load(cls, adapters: Mapping[str, str | Path] | Sequence[str | Path], **consent: Any) -> "Adapters":
+    def load(cls, adapters: Mapping[str, str | Path] | Sequence[str | Path], *, dtype: str = "auto",
+             **consent: Any) -> "Adapters":
+        """``dtype`` (the base's weights): ``auto``: float32 on a CPU where the base or an adapter generates (so a
+        greedy answer does not depend on which requests share its decoding step: bf16 rounds differently at
+        other batch shapes), else as saved; ``float32`` / ``bfloat16``; ``saved``: as the base's folder holds it.
+        A quantized base (QLoRA) is always loaded as saved; a base saved in float32 served in bfloat16 changes its
+        weights, so the adapters' fingerprint check refuses it."""
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype={dtype!r} must be one of {', '.join(DTYPES)}")
         named = adapter_names(adapters)
         specs = {name: _read(name, path) for name, path in named.items()}  # a missing run fails here, first
         in_set = {n: p for n, p in named.items() if not _own_run(specs[n][0])}
@@ -70,8 +83,19 @@ class Adapters:
         for name in specs:  # one base for all, checked before any is loaded
             if not _same_base(specs[name][0].base, specs[first][0].base):
                 _refuse_other_base(name, specs[name][0], first, specs[first][0])
+        base = tokenizer = None
+        if in_set:
+            set_specs = [specs[n][0] for n in in_set]
+            kinds = [getattr(sp.base, "kind", "backbone") for sp in set_specs]
+            spec = set_specs[kinds.index(fullest_base_kind(kinds))]  # the base AdapterSet.load would load
+            generates = spec.base.kind in GENERATIVE_BASE_KINDS or any(_generates(sp) for sp in set_specs)
+            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "saved": None,
+                           "auto": torch.float32 if generates and not torch.cuda.is_available() else None}[dtype]
+            if torch_dtype is not None:
+                base = load_base_for(spec, dtype=torch_dtype, **consent)
+                tokenizer = load_tokenizer(spec.base.name, trust_remote_code=consent.get("trust_remote_code", False))
         try:
-            out = cls(AdapterSet.load(in_set, **consent), **consent)
+            out = cls(AdapterSet.load(in_set, base=base, tokenizer=tokenizer, **consent), **consent)
         except AdapterMismatchError as e:
             kinds = {n: getattr(specs[n][0].base, "kind", None) for n in in_set}
             if len(set(kinds.values())) < 2:

@@ -140,14 +140,15 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
                max_input_chars: int = 10_000, max_rows_per_request: int = 64, max_new_tokens: int = 256,
                max_queue_rows: int = 4096, max_decode_rows: int = 64, max_body_bytes: int = 4_194_304,
                runs: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
-               allow_pickle: bool = False, batching: str = "mixed") -> FastAPI:
+               allow_pickle: bool = False, batching: str = "mixed", dtype: str = "auto") -> FastAPI:
     """The FastAPI app serving ``adapter_set_or_paths``: an :class:`AdapterSet` (its causal-LM adapters and
     its bare base generate, decoded together; plus ``runs``, ``{name: Run}`` of encoder-decoder adapters
     for /v1/generate, one request at a time), or run directories / adapter folders (``[name=]path`` strings
     or ``{name: path}``), loaded here: a missing run or adapters of different bases raise a
     :class:`~ptune.errors.PtuneError` now, before anything is served. Limits: see :class:`Limits`.
     ``batching``: ``"mixed"`` (requests of any adapters share a forward pass) or ``"per-adapter"`` (one
-    adapter per forward pass, for comparison); see :class:`~ptune.serve.service.Service`."""
+    adapter per forward pass, for comparison); see :class:`~ptune.serve.service.Service`. ``dtype``: the base's
+    weights when loaded here from paths (see :meth:`Adapters.load`; default auto: float32 on a CPU where it generates)."""
     limits = Limits(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_input_chars=max_input_chars,
                     max_rows_per_request=max_rows_per_request, max_new_tokens=max_new_tokens,
                     max_queue_rows=max_queue_rows, max_decode_rows=max_decode_rows, max_body_bytes=max_body_bytes)
@@ -160,7 +161,7 @@ def create_app(adapter_set_or_paths: AdapterSet | Adapters | Mapping[str, str | 
     elif isinstance(adapter_set_or_paths, AdapterSet):
         adapters = Adapters(adapter_set_or_paths, **consent)
     else:
-        adapters = Adapters.load(adapter_set_or_paths, **consent)
+        adapters = Adapters.load(adapter_set_or_paths, dtype=dtype, **consent)
     for name, run in (runs or {}).items():
         adapters._check_base(name, run.model.spec)
         adapters.runs[name] = run
