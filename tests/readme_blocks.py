@@ -6,7 +6,8 @@ is either run by a test or marked why not, with an HTML comment on the line befo
     <!-- NAME -->                 the block is named: COVERED[NAME] is the test that runs it
     <!-- not-tested: REASON -->   the block is not run, for REASON (name the test that covers it instead)
 
-A ```python block without a marker is run as it stands by test_readme.py::test_python_block_runs.
+A ```python block without a marker is run as it stands by test_readme.py::test_python_block_runs; a named
+one by its COVERED test (e.g. the OpenAI client block, against a server).
 tests/test_readme.py::test_every_block_is_run_or_marked fails on any other block ("mark or cover this
 block"), and on a name nobody covers. The shell lines of a named block run through ``run_lines``:
 ``ptune`` lines with shortening flags, in one fresh interpreter per group (the package imports once:
@@ -43,6 +44,7 @@ COVERED = {
     "resume": "tests/test_readme.py::test_resume_block",
     "export": "tests/test_readme.py::test_export_block",
     "speed-layers": "tests/test_readme.py::test_speed_layers_block",
+    "openai-client": "tests/test_serve_openai.py::test_readme_openai_block_runs_against_a_server",
 }
 
 # what a user would add to try a line quickly: seconds per line on the packaged MiniLM (fp32: bf16 autocast

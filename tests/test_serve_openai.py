@@ -299,3 +299,16 @@ def test_docs_load_offline(server):
         assert r.status_code == 200 and len(r.content) > 1000, a
     assert json.loads(httpx.get(f"{server}/openapi.json").text)["paths"].keys() >= {
         "/v1/completions", "/v1/chat/completions", "/v1/models"}
+
+
+def test_readme_openai_block_runs_against_a_server(server):
+    """The README's client block, as a user pastes it, against a real `ptune serve` (its address and an
+    adapter's name put in for the README's localhost:8000 and "story")."""
+    from readme_blocks import block
+
+    code = block("openai-client").text
+    assert 'base_url="http://localhost:8000/v1"' in code and 'model="story"' in code
+    code = code.replace("http://localhost:8000/v1", f"{server}/v1").replace('model="story"', 'model="lora"')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip(), "the streamed chat answer should be printed"
