@@ -53,13 +53,15 @@ METHODS = {
 PAIRS = list(itertools.combinations(METHODS, 2)) + [(m, m) for m in METHODS]
 
 
-def perturb(model, seed: int) -> None:
-    """Random non-trivial values for every trainable tensor (LoRA's B and AdaLoRA's lambdas start at zero)."""
+def perturb(model, seed: int):
+    """Random non-trivial values for every trainable tensor (LoRA's B and AdaLoRA's lambdas start at zero);
+    returns the model."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
 
 
 def make_adapter(path, tokenizer, base, config, task, seed, template=None):

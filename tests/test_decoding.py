@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import liven, tiny_base
+from test_adapter_set import perturb
 
 import ptune
 from ptune.adapter_set import AdapterSet
@@ -28,15 +29,6 @@ PROMPTS = ["the capital of france is", "hello", "a much longer prompt about the 
 NEW = 20  # tokens: past the tiny Gemma's sliding window (16) with the longer prompts
 
 
-def perturbed(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
 def adapters(request, tmp_path_factory, tokenizer):
     arch, root = request.param, tmp_path_factory.mktemp(f"gen-{request.param}")
@@ -47,7 +39,7 @@ def adapters(request, tmp_path_factory, tokenizer):
         torch.manual_seed(0)
         model = ptune.apply(liven(tiny_base(arch, "causal_lm")), make(), head=ptune.HeadConfig("causal_lm"),
                             tokenizer=tokenizer, task=LM, max_length=LM.max_length)
-        out[method] = ptune.save_adapter(perturbed(model, 10 + k), root / method)
+        out[method] = ptune.save_adapter(perturb(model, 10 + k), root / method)
     return arch, out
 
 
@@ -165,10 +157,10 @@ def test_a_classifier_trained_on_the_bare_body_serves_beside_generating_adapters
     scores as it does on a base of its own."""
     topic = Task("topic", labels=("sport", "food"), max_length=16)
     body = ptune.load_base(tiny_gpt2_dir)  # the bare GPT-2 body, as `ptune train` loads it for a classifier
-    clf = perturbed(ptune.apply(body, METHODS[method](), head=ptune.HeadConfig("classification", num_labels=2),
+    clf = perturb(ptune.apply(body, METHODS[method](), head=ptune.HeadConfig("classification", num_labels=2),
                                 tokenizer=tokenizer, labels=topic.labels, task=topic, max_length=16), 3)
     clf_path = ptune.save_adapter(clf, tmp_path / "clf")
-    lm = perturbed(ptune.apply(ptune.load_base(tiny_gpt2_dir, "causal_lm"), ptune.LoraConfig(r=2), tokenizer=tokenizer,
+    lm = perturb(ptune.apply(ptune.load_base(tiny_gpt2_dir, "causal_lm"), ptune.LoraConfig(r=2), tokenizer=tokenizer,
                                head=ptune.HeadConfig("causal_lm"), task=LM, max_length=LM.max_length), 4)
     lm_path = ptune.save_adapter(lm, tmp_path / "lm")
     s = AdapterSet.load({"clf": clf_path, "lm": lm_path}, tokenizer=tokenizer)

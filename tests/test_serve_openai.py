@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="ptune serve needs the serve extra")
 openai = pytest.importorskip("openai", reason="the OpenAI-compatibility tests need the openai package (test extra)")
 
 import httpx  # noqa: E402
-from test_adapter_set import TOPIC, make_adapter  # noqa: E402
+from test_adapter_set import TOPIC, make_adapter, perturb  # noqa: E402
 
 import ptune  # noqa: E402
 from ptune.adapter_set import AdapterSet  # noqa: E402
@@ -38,15 +38,6 @@ PROMPTS = ["the team won", "bake the bread until", "a long walk in the hills"]
 MAX_NEW = 40
 
 
-def _perturb(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model
-
-
 def causal_adapters(root, base_dir, tokenizer) -> dict:
     """Prompt tuning, P-Tuning v2 and LoRA causal-LM adapters plus a LoRA classifier, on one saved base."""
     plan = {"pt": ptune.PromptTuningConfig(num_virtual_tokens=3), "v2": ptune.PTuningV2Config(num_virtual_tokens=3),
@@ -56,7 +47,7 @@ def causal_adapters(root, base_dir, tokenizer) -> dict:
         torch.manual_seed(k)
         model = ptune.apply(ptune.load_base(base_dir, "causal_lm"), cfg, head=ptune.HeadConfig("causal_lm"),
                             tokenizer=tokenizer, task=LM, max_length=LM.max_length)
-        out[name] = ptune.save_adapter(_perturb(model, 10 + k), root / name)
+        out[name] = ptune.save_adapter(perturb(model, 10 + k), root / name)
     out["cls"] = make_adapter(root / "cls", tokenizer, ptune.load_base(base_dir, "causal_lm"), ptune.LoraConfig(r=2),
                               TOPIC, seed=3)
     return out
