@@ -123,13 +123,13 @@ def test_a_run_is_scored_at_the_precision_it_trained_at(tiny_model_dir, toy_task
     """`ptune eval` reproduces the run's own test metrics: a bf16-autocast run is scored under bf16 autocast."""
     from ptune.engine import Run
     from ptune.engine.build import encode_records
-    from ptune.engine.evaluate import predict_logits
+    from ptune.scoring import score_rows
 
     s = train(cfg(tiny_model_dir, toy_task, tmp_path / "bf", precision="bf16", epochs=1))
     run = Run(tmp_path / "bf")
     assert run.evaluate("test") == s["test"]
     examples = encode_records(run.task, run.encoder, run.splits["test"])
-    rows = lambda **kw: predict_logits(run.model, examples, batch_size=64, pad_id=0, **kw)  # noqa: E731
+    rows = lambda **kw: score_rows(run.model, examples, batch_size=64, pad_id=0, **kw)  # noqa: E731
     scored = rows(autocast=run.autocast)  # what Run.evaluate scores with
     bf16 = rows(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     fp32 = rows()

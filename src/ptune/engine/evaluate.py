@@ -9,7 +9,7 @@ import torch
 
 from ..batching import collate
 from ..data import Task
-from ..scoring import make_batch, score_rows  # noqa: F401  (make_batch: the loop's training batches)
+from ..scoring import make_batch  # noqa: F401  (the loop's training batches; scoring itself: ptune.scoring.score_rows)
 from .build import Example
 
 
@@ -37,9 +37,6 @@ def make_multitask_batch(examples: list[Example], idx: list[int], pad_id: int, d
     batch["task_index"] = torch.tensor([r.task for r in rows], dtype=torch.long, device=device)
     batch["labels"] = labels
     return batch
-
-
-predict_logits = score_rows  # the one scoring path (ptune.scoring), under the name the engine has used
 
 
 def decode_predictions(task: Task, examples: list[Example], rows: dict[int, Any]) -> list[Any]:

@@ -30,7 +30,6 @@ from ..heads import Example
 from ..methods.base import TrainingHooks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .precision import bf16_autocast, bf16_available, cpu_flags, run_precision  # noqa: F401  (re-exported)
 from .setup import TrainerSetup, prepare
 from .trainer_state import MetricsLog, TrainState
 

@@ -16,7 +16,8 @@ from ..data import Task
 from ..heads import Example
 from ..model import PtuneModel
 from .build import encode_records
-from .evaluate import main_metric, make_batch, make_multitask_batch, predict_logits, score
+from ..scoring import score_rows
+from .evaluate import main_metric, make_batch, make_multitask_batch, score
 from .generation import generate_and_score
 from .sharding import is_sharded
 
@@ -153,9 +154,9 @@ def score_on_processes(acc: Any, part: TaskData, examples: list[Example], *, bat
     # a sharded model (--sharding fsdp) all-gathers its layers in every forward, on every process together:
     # each process then scores every example (the same passes), and nothing is left to gather
     split = not is_sharded(part.model) and acc.num_processes > 1
-    logits = predict_logits(part.model, examples, batch_size=batch_size, pad_id=pad_id, device=acc.device,
-                            autocast=acc.autocast, shard=(acc.process_index, acc.num_processes) if split else (0, 1),
-                            members=members)
+    logits = score_rows(part.model, examples, batch_size=batch_size, pad_id=pad_id, device=acc.device,
+                        autocast=acc.autocast, shard=(acc.process_index, acc.num_processes) if split else (0, 1),
+                        members=members)
     if split:
         merged: dict = {}
         merged_members: list[dict] = [{} for _ in range(K)]
