@@ -12,7 +12,7 @@ machine's load average is recorded before and after each run.
   (this switches off the embedding, attention, attention-output and feed-forward dropouts inside the base,
   and SDPA's attention dropout), while the classifier's dropout stays 0.1 (``classifier_dropout=0.1``, as
   ptune's head dropout) and LoRA's ``lora_dropout`` stays PEFT's default (0.0). Plus bf16 autocast on the
-  forward pass ONLY where ``ptune.engine.loop.bf16_available()`` says the hardware computes bf16 itself
+  forward pass ONLY where ``ptune.engine.precision.bf16_available()`` says the hardware computes bf16 itself
   (AVX512-BF16 / AMX, or a GPU); on a CPU that emulates bf16 (AVX-512 without BF16) autocast makes a step
   1.6-2.2x slower (bench/results/precision.md), so this side stays fp32 there. Which precision it used
   and whether the base's dropout was active (measured: two train-mode forward passes of the body on the

@@ -2,7 +2,7 @@
 
 ``host_facts()``: the machine a benchmark ran on, recorded beside its numbers: CPU name (from /proc/cpuinfo:
 ``platform.processor()`` is empty on Linux), cores, torch threads, the bf16 flags that decide ``--precision
-auto`` (``ptune.engine.loop.cpu_flags`` / ``bf16_available``) and library versions. ``load()``: the
+auto`` (``ptune.engine.precision.cpu_flags`` / ``bf16_available``) and library versions. ``load()``: the
 1/5/15-minute load averages, taken before and after each measured run, because a time measured on a shared
 machine is comparable only under similar load. ``parse_options``: a ``--...-options`` flag's JSON objects
 or key=value items. ``step_trainer``: ptune's own Trainer, set up as ``Trainer.fit`` leaves it before its

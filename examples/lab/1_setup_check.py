@@ -57,7 +57,7 @@ def check_threads() -> str:
 
 
 def check_bf16() -> str:
-    from ptune.engine.loop import bf16_available
+    from ptune.engine.precision import bf16_available
 
     return "yes (training autocasts to bf16)" if bf16_available() else "no (training runs in fp32)"
 
@@ -71,7 +71,7 @@ def check_gpu() -> str:
 def time_one_step() -> str:
     import ptune
     from ptune.data import load_builtin
-    from ptune.engine.loop import bf16_autocast, bf16_available
+    from ptune.engine.precision import bf16_autocast, bf16_available
 
     tok = ptune.load_tokenizer("minilm")
     task, splits = load_builtin("bbc")
