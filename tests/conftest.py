@@ -17,6 +17,39 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from cases import ARCH_CASES, ARCHS, DECODERS, VOCAB  # noqa: E402, F401  (the one registry of test cases)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default, pyproject.toml): one worker per core, at most 4 (each imports torch and holds
+    its tiny models; more workers on a big machine only add start-up and memory)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", metavar="FILE", default=None,
+                     help="write every test's setup + call + teardown seconds, slowest first, to FILE "
+                          "(tests/durations.txt is the committed list, so a regression shows in its diff)")
+
+
+_DURATIONS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):  # on the controller too, under xdist
+    _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--record-durations")
+    if not path or hasattr(session.config, "workerinput"):  # written once, by the controller
+        return
+    rows = sorted(_DURATIONS.items(), key=lambda kv: -kv[1])
+    total = sum(_DURATIONS.values())
+    with open(path, "w") as f:
+        f.write(f"# seconds per test (setup + call + teardown), slowest first; {len(rows)} tests, "
+                f"{total:.0f} s summed over workers; exit status {int(exitstatus)}\n")
+        f.write("# python -m pytest -q --record-durations tests/durations.txt\n")
+        for nodeid, seconds in rows:
+            f.write(f"{seconds:8.2f}  {nodeid}\n")
+
+
 @pytest.fixture(autouse=True)
 def _own_working_dir(tmp_path, monkeypatch):
     """Each test runs in its own empty folder: defaults such as ``runs/default`` never meet (or write
