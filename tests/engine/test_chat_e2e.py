@@ -1,15 +1,15 @@
 """Each generation data format end to end on a tiny random causal LM whose tokenizer has a chat template,
-in fresh processes (train with nothing but --model and --train-file -> eval -> generate), and the bad
+in fresh processes (train with nothing but --model and --train-file -> eval -> generate; every format's run
+is trained in one process and read back in another, tests/cli_batch.py), and the bad
 input the formats bring: each refused in one line naming the record or option, exit 2, nothing written."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+from cli_batch import run_batch
 
 from ptune.cli import main
 
@@ -44,31 +44,39 @@ def write(path, rows) -> str:
     return str(path)
 
 
-def ptune(*args: str) -> subprocess.CompletedProcess:
-    """One ptune command in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+@pytest.fixture(scope="module")
+def runs(chat_model_dir, tmp_path_factory) -> dict[str, dict]:
+    """Each format's run trained in one fresh process, then evaluated and generated from in another that never
+    held them (tests/cli_batch.py): format -> its run folder and each command's Result."""
+    root = tmp_path_factory.mktemp("chat-runs")
+    cases = {fmt: {"run": root / fmt / "run"} for fmt in sorted(RECORDS)}
+    train = [["train", "--model", chat_model_dir, "--train-file", write(root / f"{fmt}.jsonl", RECORDS[fmt] * 3),
+              "--max-steps", "2", "--batch-size", "4", "--no-progress", "--output-dir", str(case["run"])]
+             for fmt, case in cases.items()]
+    for case, result in zip(cases.values(), run_batch(train, workdir=root)):
+        case["train"] = result
+    read = [argv for case in cases.values() for argv in (
+        ["eval", str(case["run"]), "--split", "validation"],
+        ["generate", str(case["run"]), "what is the capital of chile", "--max-new-tokens", "3"])]
+    results = iter(run_batch(read, workdir=root))
+    for case in cases.values():
+        case["eval"], case["generate"] = next(results), next(results)
+    return cases
 
 
 @pytest.mark.parametrize("fmt", sorted(RECORDS))
-def test_each_format_trains_evaluates_and_generates(chat_model_dir, tmp_path, fmt):
-    data = write(tmp_path / f"{fmt}.jsonl", RECORDS[fmt] * 3)
-    run = tmp_path / "run"
-    done = ptune("train", "--model", chat_model_dir, "--train-file", data, "--max-steps", "2", "--batch-size", "4",
-                 "--no-progress", "--output-dir", str(run))
-    assert done.returncode == 0, done.stderr
+def test_each_format_trains_evaluates_and_generates(runs, fmt):
+    case, run = runs[fmt], runs[fmt]["run"]
+    done = case["train"].check()
     assert "11 train / 1 validation examples" in done.stdout  # a seeded tenth held out (no --validation-file)
     spec = json.loads((run / "best" / "adapter_config.json").read_text())
     assert spec["task"]["format"] == fmt and spec["task"]["head"] == "causal_lm"
     assert 0 < json.loads((run / "summary.json").read_text())["best_validation_loss"] < 20
 
-    done = ptune("eval", str(run), "--split", "validation")
-    assert done.returncode == 0, done.stderr
-    metrics = json.loads(done.stdout)
+    metrics = json.loads(case["eval"].check().stdout)
     assert math.isfinite(metrics["loss"]) and metrics["perplexity"] > 1
 
-    done = ptune("generate", str(run), "what is the capital of chile", "--max-new-tokens", "3")
-    assert done.returncode == 0, done.stderr
+    done = case["generate"].check()
     assert len(done.stdout.strip().splitlines()) == 1
 
 
