@@ -155,7 +155,7 @@ class Decoder:
 
     def _logits(self, hidden: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         with self.model._route(task_ids):  # an LM head with a row's low-rank branch or bias delta
-            return self.lm(hidden.contiguous()).float()  # (B, V)
+            return self.lm.few_rows(hidden.contiguous()).float()  # (B, V)
 
     def _prefill(self, rows: list[Row]) -> list[tuple[Row, int]]:
         T = max(len(r.input_ids) for r in rows)
