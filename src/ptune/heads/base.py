@@ -183,8 +183,8 @@ class LMScores(nn.Module):
     def few_rows(self, h: torch.Tensor) -> torch.Tensor:
         """The same logits for a few rows (B, H) at once, as a decoding step asks: with a plain linear head the
         vocabulary matrix is the left operand (``W @ h.T``), which the CPU GEMM runs 2-4x faster than
-        ``F.linear``'s layout for 2-16 rows of a large vocabulary (Gemma's 262k x 640, fp32, 2 busy cores: 108-178 vs 402-456 ms for
-        8 rows, bench/serve_generate.py); one row, or a head with hooks or another type (a routed LoRA, 4-bit),
+        ``F.linear``'s layout for 2-16 rows of a large vocabulary (Gemma's 262k x 640 in fp32, 8 rows, 2 busy
+        cores: 108-178 vs 402-456 ms); one row, or a head with hooks or another type (a routed LoRA, 4-bit),
         goes through the module as :meth:`forward` does."""
         head = self._lm_head[0]
         if h.dim() != 2 or h.shape[0] < 2 or type(head) is not nn.Linear or head._forward_hooks \
