@@ -4,12 +4,16 @@ method, and ``num_virtual_tokens=0`` / ``--max-minutes`` do what they say."""
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import statistics
-import subprocess
-import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from cli_batch import run_batch
+from conftest import FOOD, SPORT
 
 import ptune
 from ptune.errors import ConfigError
@@ -20,12 +24,20 @@ from ptune.studies.recommend import choose_peft_method, complexity, pick, recomm
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def ptune_cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc
+def _toy_task(root: Path) -> dict[str, str]:
+    """conftest's toy task (two classes, train / validation / test CSVs), written once for the module's studies
+    (conftest's ``toy_task`` fixture is per test)."""
+    rows = [(t, "sport") for t in SPORT] + [(t, "food") for t in FOOD]
+    files = {}
+    for split, data in (("train", rows * 3), ("validation", rows), ("test", rows)):
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows(data)
+        files[f"{split}_file"] = str(root / f"{split}.csv")
+    (root / "task.yaml").write_text("name: toy\ntask_type: classification\nlabels: [sport, food]\n"
+                                    "label_words: {sport: sports, food: food}\nmax_length: 32\n")
+    return {"task": str(root / "task.yaml"), **files}
 
 
 def _data_flags(tiny_model_dir, toy_task) -> list[str]:
@@ -34,17 +46,52 @@ def _data_flags(tiny_model_dir, toy_task) -> list[str]:
             "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "16"]
 
 
-@pytest.fixture()
-def compared(tmp_path, tiny_model_dir, toy_task):
-    out = tmp_path / "cmp"
-    flags = ["compare", "--methods", "prompt_tuning,lora", "--seeds", "2", "--num-virtual-tokens", "3", "--r", "2",
-             *_data_flags(tiny_model_dir, toy_task), "--output-dir", str(out)]
-    proc = ptune_cli(*flags)
-    return out, flags, proc
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, tiny_model_dir):
+    """The three studies, each trained once for the module: ``ptune compare | sweep | ablate`` in one fresh
+    process (tests/cli_batch.py; each study trains every run in its own fresh ``ptune train`` process, as
+    always). The tests that read the compare study read a copy taken as the command left it
+    (``as_written``): :func:`continued` then interrupts and continues the original in place."""
+    root = tmp_path_factory.mktemp("studies")
+    (root / "data").mkdir()
+    data = _data_flags(tiny_model_dir, _toy_task(root / "data"))
+    flags = {
+        "compare": ["compare", "--methods", "prompt_tuning,lora", "--seeds", "2", "--num-virtual-tokens", "3",
+                    "--r", "2", *data, "--output-dir", str(root / "cmp")],
+        "sweep": ["sweep", "--method", "p_tuning_v2", "--sweep", "num_virtual_tokens=0,2", *data,
+                  "--output-dir", str(root / "sweep")],
+        "ablate": ["ablate", "--seeds", "1", "--variants", "no_residual", "--num-virtual-tokens", "3", *data,
+                   "--output-dir", str(root / "ablate")],
+    }
+    results = dict(zip(flags, run_batch(list(flags.values()), workdir=root)))
+    results["compare"].check()
+    shutil.copytree(root / "cmp", root / "cmp-as-written")  # read, never continued (its runs name the original)
+    return SimpleNamespace(root=root, flags=flags, results=results, as_written=root / "cmp-as-written")
 
 
-def test_compare_report_equals_the_runs_summaries(compared, monkeypatch):
-    out, _, proc = compared
+@pytest.fixture(scope="module")
+def continued(studies):
+    """The compare study interrupted (one run stopped after its checkpoint, one never started) and the same
+    command run again; and, on a copy, the command with a changed setting. Both in one fresh process that
+    trained none of the runs it reads."""
+    out, flags = studies.root / "cmp", studies.flags["compare"]
+    refused_dir = studies.root / "cmp-changed"
+    shutil.copytree(out, refused_dir)
+    runs = out / "runs"
+    kept = runs / "lora" / "seed-13" / "summary.json"
+    seen = {"kept_time": kept.stat().st_mtime_ns, "kept_summary": json.loads(kept.read_text()),
+            "results_before_change": (refused_dir / "results.json").read_text()}
+    (runs / "prompt_tuning" / "seed-14" / "summary.json").unlink()  # stopped after its checkpoint
+    shutil.rmtree(runs / "lora" / "seed-14")  # never started
+    changed = [f if f != "2" or flags[k - 1] != "--seeds" else "3" for k, f in enumerate(flags)]
+    changed[changed.index("--output-dir") + 1] = str(refused_dir)
+    refused, resumed = run_batch([changed, flags], workdir=studies.root)
+    return SimpleNamespace(out=out, kept=kept, refused=refused, refused_dir=refused_dir, resumed=resumed, **seen)
+
+
+def test_compare_report_equals_the_runs_summaries(studies, tmp_path, monkeypatch):
+    proc = studies.results["compare"].check()
+    out = shutil.copytree(studies.as_written, tmp_path / "cmp")  # write_report below rewrites the report
     for name in ("report.md", "report.html", "results.json", "study.json"):
         assert (out / name).is_file(), name
     data = json.loads((out / "results.json").read_text())
@@ -78,39 +125,26 @@ def test_compare_report_equals_the_runs_summaries(compared, monkeypatch):
     assert labels == ["prompt_tuning", "lora"]
 
 
-def test_an_interrupted_compare_continues_and_reuses_finished_runs(compared):
-    out, flags, _ = compared
-    runs = out / "runs"
-    kept = runs / "lora" / "seed-13" / "summary.json"
-    kept_time = kept.stat().st_mtime_ns
-    before = json.loads(kept.read_text())
-    (runs / "prompt_tuning" / "seed-14" / "summary.json").unlink()  # stopped after its checkpoint
-    import shutil
-
-    shutil.rmtree(runs / "lora" / "seed-14")  # never started
-    proc = ptune_cli(*flags)
+def test_an_interrupted_compare_continues_and_reuses_finished_runs(continued):
+    proc, runs, kept = continued.resumed.check(), continued.out / "runs", continued.kept
     assert "prompt_tuning seed 14: resuming from its last checkpoint" in proc.stdout
     assert "lora seed 14: training" in proc.stdout
     assert proc.stdout.count("finished before, reused") == 2
     assert "(4 of 4 runs; 2 trained now, 2 reused)" in proc.stdout
-    assert kept.stat().st_mtime_ns == kept_time and json.loads(kept.read_text()) == before
+    assert kept.stat().st_mtime_ns == continued.kept_time and json.loads(kept.read_text()) == continued.kept_summary
     assert (runs / "lora" / "seed-14" / "summary.json").is_file()
 
 
-def test_a_changed_study_is_refused_and_nothing_is_touched(compared):
-    out, flags, _ = compared
-    before = (out / "results.json").read_text()
-    changed = [f if f != "2" or flags[k - 1] != "--seeds" else "3" for k, f in enumerate(flags)]
-    proc = ptune_cli(*changed, ok=False)
-    assert proc.returncode == 2
+def test_a_changed_study_is_refused_and_nothing_is_touched(continued):
+    proc = continued.refused
+    assert proc.rc == 2
     assert "holds a compare study with other settings" in proc.stderr and "seeds" in proc.stderr
-    assert (out / "results.json").read_text() == before
+    assert (continued.refused_dir / "results.json").read_text() == continued.results_before_change
 
 
-def test_sweep_over_prompt_length_with_zero_tokens(tmp_path, tiny_model_dir, toy_task):
-    out = tmp_path / "sweep"
-    ptune_cli("sweep", "--method", "p_tuning_v2", "--sweep", "num_virtual_tokens=0,2",
-              *_data_flags(tiny_model_dir, toy_task), "--output-dir", str(out))
+def test_sweep_over_prompt_length_with_zero_tokens(studies):
+    studies.results["sweep"].check()
+    out = studies.root / "sweep"
     data = json.loads((out / "results.json").read_text())
     zero, two = data["rows"]
     assert (zero["value"], two["value"]) == (0, 2)
@@ -122,10 +156,9 @@ def test_sweep_over_prompt_length_with_zero_tokens(tmp_path, tiny_model_dir, toy
     assert (out / "metric_vs_value.png").read_bytes()[:8] == PNG
 
 
-def test_ablate_reports_the_drop_from_the_full_model(tmp_path, tiny_model_dir, toy_task):
-    out = tmp_path / "ablate"
-    ptune_cli("ablate", "--seeds", "1", "--variants", "no_residual", "--num-virtual-tokens", "3",
-              *_data_flags(tiny_model_dir, toy_task), "--output-dir", str(out))
+def test_ablate_reports_the_drop_from_the_full_model(studies):
+    studies.results["ablate"].check()
+    out = studies.root / "ablate"
     data = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in data["rows"]] == ["full", "no_residual"]
     plan = json.loads((out / "study.json").read_text())
@@ -136,11 +169,12 @@ def test_ablate_reports_the_drop_from_the_full_model(tmp_path, tiny_model_dir, t
            f"{drop:+.4f} |" in (out / "report.md").read_text()
 
 
-def test_recommend_from_a_comparison(compared, tmp_path, tiny_model_dir, toy_task):
-    out, _, _ = compared
+def test_recommend_from_a_comparison(studies, tmp_path, tiny_model_dir):
+    out = studies.as_written
+    task = json.loads((out / "study.json").read_text())["base"]
     rows = json.loads((out / "results.json").read_text())["rows"]
     expected, _ = pick([{**r, "method": r["variant"]} for r in rows])
-    options = {"model": tiny_model_dir, "task": toy_task["task"], "train_file": toy_task["train_file"]}
+    options = {"model": tiny_model_dir, "task": task["task"], "train_file": task["train_file"]}
     rec = recommend(tmp_path / "rec", [str(out)], log=lambda _: None, **options)
     assert rec.method == expected["variant"]
     assert rec.lab_method == "p_tuning"  # 36 training examples: the lab's few-data branch
