@@ -10,9 +10,9 @@ A ```python block without a marker is run as it stands by test_readme.py::test_p
 one by its COVERED test (e.g. the OpenAI client block, against a server).
 tests/test_readme.py::test_every_block_is_run_or_marked fails on any other block ("mark or cover this
 block"), and on a name nobody covers. The shell lines of a named block run through ``run_lines``:
-``ptune`` lines with shortening flags, in one fresh interpreter per group (the package imports once:
-~8 s on the 2-core development machine), any other line only when a rule of the test says what to do
-with it, else the test fails naming the line.
+``ptune`` lines with shortening flags, in one fresh interpreter (the package imports once: ~6 s on the
+2-core development machine; ``run_groups`` runs several tests' blocks in one), any other line only when a
+rule of the test says what to do with it, else the test fails naming the line.
 """
 
 from __future__ import annotations
@@ -140,8 +140,10 @@ DRIVER = r"""
 import contextlib, io, json, os, sys, time
 from ptune.cli import main
 items = json.load(open(sys.argv[1]))
-results = []
+results, failed = [], set()
 for item in items:
+    if item.get("group", "") in failed:  # a failed line stops the rest of its group (of all lines, without groups)
+        continue
     os.chdir(item["cwd"])
     out, err, t0 = io.StringIO(), io.StringIO(), time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -153,23 +155,41 @@ for item in items:
                     "seconds": round(time.perf_counter() - t0, 1)})
     json.dump(results, open(sys.argv[2], "w"))
     if rc:
-        break
+        failed.add(item.get("group", ""))
 """
 
 
 def run_lines(items: list[dict], tmp_path: Path, timeout: int = 600) -> list[dict]:
     """Run ``ptune`` argument lists (``{"argv", "cwd", "where"}``) in order, in ONE fresh interpreter
     (offline, its own cwd per item); stops at the first failure and asserts every line exited 0."""
+    return check_lines(items, *_run(items, tmp_path, timeout))
+
+
+def run_groups(groups: dict[str, list[dict]], tmp_path: Path, timeout: int = 900) -> dict[str, tuple[list, list]]:
+    """Several blocks' lines (each group in its own cwd, as its test planned them) in ONE fresh interpreter, so
+    the package imports once for all of them; a failing line stops its own group only. Returns, per group, its
+    items and what :func:`check_lines` needs: ``check_lines(*result)`` asserts as :func:`run_lines` does."""
+    items = [{**item, "group": name} for name, group in groups.items() for item in group]
+    results, stderr = _run(items, tmp_path, timeout)
+    return {name: (group, [r for r in results if r["group"] == name], stderr) for name, group in groups.items()}
+
+
+def _run(items: list[dict], tmp_path: Path, timeout: int) -> tuple[list[dict], str]:
     (tmp_path / "lines.json").write_text(json.dumps(items))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}  # tiny batches gain nothing from a second thread; on a shared machine it costs ~3x
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "lines.json"), str(tmp_path / "out.json")],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=timeout)
     results = json.loads((tmp_path / "out.json").read_text()) if (tmp_path / "out.json").exists() else []
+    return results, (proc.stderr or f"(exit {proc.returncode})") if proc.returncode else ""
+
+
+def check_lines(items: list[dict], results: list[dict], stderr: str = "") -> list[dict]:
+    """Every line ran and exited 0 (else the first failure, or how the runner died); returns the results."""
     for r in results:
         assert r["rc"] == 0, f"{r['where']}: ptune {shlex.join(r['argv'])} exited {r['rc']}:\n{r['stderr'][-2000:]}"
-    assert proc.returncode == 0 and len(results) == len(items), \
-        f"the README line runner stopped after {len(results)} of {len(items)} lines:\n{proc.stderr[-3000:]}"
+    assert not stderr and len(results) == len(items), \
+        f"the README line runner stopped after {len(results)} of {len(items)} lines:\n{stderr[-3000:]}"
     return results
 
 

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from readme_blocks import COVERED, PYTHON, README, ROOT, SHORTEN, Block, block, blocks, plan, run_lines
+from readme_blocks import COVERED, PYTHON, README, ROOT, SHORTEN, Block, block, blocks, check_lines, plan, run_groups
 
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 DOCS = ("README.md", "BENCHMARKS.md", "ARCHITECTURE.md")
@@ -210,10 +210,72 @@ SETUP_RULES = [
 ]
 
 
-def test_quick_start_blocks(tmp_path):
-    items = plan(block("quick-start"), tmp_path, SETUP_RULES) + plan(block("quick-start-then"), tmp_path, SETUP_RULES)
+def _quick_start(cwd: Path, tiny_gpt2_dir: str) -> list[dict]:
+    return plan(block("quick-start"), cwd, SETUP_RULES) + plan(block("quick-start-then"), cwd, SETUP_RULES)
+
+
+def _causal_lm(cwd: Path, tiny_gpt2_dir: str) -> list[dict]:
+    def substitute(args):
+        args = [tiny_gpt2_dir if a == "gemma" and args[k - 1] == "--model" else a for k, a in enumerate(args)]
+        return ["runs/probe-capital" if a == "RUN" else a for a in args]  # the README's placeholder run
+
+    rules = [(r"python bench/gemma_tables\.py .*", "the real Gemma tables: ~25 minutes on 2 cores")]
+    warnings.warn("README's `--model gemma` lines run on a tiny random GPT-2 (the Gemma extra is too slow here)",
+                  UserWarning, stacklevel=1)
+    return [i for name in ("gemma-verbalizer", "gemma-probing", "gemma-generate")
+            for i in plan(block(name), cwd, rules, substitute)]
+
+
+def _resume(cwd: Path, tiny_gpt2_dir: str) -> list[dict]:
+    items = plan(block("resume"), cwd, [])
+    if len(items) == 2:  # (test_resume_block checks the shape)
+        items[1]["argv"] += ["--max-steps", "4"]
+    return items
+
+
+def _export(cwd: Path, tiny_gpt2_dir: str) -> list[dict]:
+    setup = plan(Block("bash", 0, "ptune train --method lora --pooling pooler --output-dir runs/x\n", None), cwd, [])
+    return setup + plan(block("export"), cwd, [])
+
+
+def _speed_layers(cwd: Path, tiny_gpt2_dir: str) -> list[dict]:
+    return plan(block("speed-layers"), cwd, SETUP_RULES)
+
+
+SHELL_GROUPS = {"quick-start": _quick_start, "causal-lm": _causal_lm, "resume": _resume, "export": _export,
+                "speed-layers": _speed_layers}
+
+
+@pytest.fixture(scope="module")
+def shell_runs(tmp_path_factory, tiny_gpt2_dir):
+    """The shell blocks the tests below check, each group planned in its own empty folder (its runs/ where
+    the README's lines put them), all run in ONE fresh interpreter: the package imports once instead of once
+    per test; a failing line stops its own group only, a block that cannot be planned fails its own test only."""
+    root = tmp_path_factory.mktemp("readme-shell")
+    groups, refused = {}, {}
+    for name, make in SHELL_GROUPS.items():
+        (root / name).mkdir()
+        try:
+            groups[name] = make(root / name, tiny_gpt2_dir)
+        except AssertionError as e:  # a line no rule covers: its test fails with the message
+            refused[name] = e
+    ran = run_groups(groups, root)
+    return {name: refused.get(name) or (root / name, *ran[name]) for name in SHELL_GROUPS}
+
+
+def _group(shell_runs, name: str) -> tuple[Path, list[dict], list]:
+    """(its folder, its items, what check_lines takes) for one group of ``shell_runs``."""
+    got = shell_runs[name]
+    if isinstance(got, AssertionError):
+        raise got
+    folder, items, *ran = got
+    return folder, items, ran
+
+
+def test_quick_start_blocks(shell_runs):
+    tmp_path, items, ran = _group(shell_runs, "quick-start")
     assert [i["argv"][0] for i in items] == ["train", "predict", "eval", *["train"] * 6], items
-    out = run_lines(items, tmp_path)
+    out = check_lines(items, *ran)
     first = out[0]["stdout"]
     assert re.search(r"p_tuning_v2: [\d,]+ trainable of [\d,]+ parameters \([\d.]+%\)", first), first
     assert "ptune: adapter: runs/default/best" in first and "runs/default/metrics.jsonl" in first, first
@@ -247,21 +309,13 @@ def _zero_shot_hit_rate(model: str, task: str, limit: int = SHORTEN["eval"][1]) 
     return sum(hits) / len(hits)
 
 
-def test_causal_lm_blocks(tmp_path, tiny_gpt2_dir):
+def test_causal_lm_blocks(shell_runs, tiny_gpt2_dir):
     """The Gemma lines with a tiny random GPT-2 for ``--model gemma`` (the Gemma extra, its one-minute
     conversion and its 270M parameters are too slow for the suite): the options, templates, tasks and the
     run each line makes are checked; the numbers are not."""
-    def substitute(args):
-        args = [tiny_gpt2_dir if a == "gemma" and args[k - 1] == "--model" else a for k, a in enumerate(args)]
-        return ["runs/probe-capital" if a == "RUN" else a for a in args]  # the README's placeholder run
-
-    rules = [(r"python bench/gemma_tables\.py .*", "the real Gemma tables: ~25 minutes on 2 cores")]
-    warnings.warn("README's `--model gemma` lines run on a tiny random GPT-2 (the Gemma extra is too slow here)",
-                  UserWarning, stacklevel=1)
-    items = [i for name in ("gemma-verbalizer", "gemma-probing", "gemma-generate")
-             for i in plan(block(name), tmp_path, rules, substitute)]
+    tmp_path, items, ran = _group(shell_runs, "causal-lm")  # "gemma-verbalizer", "gemma-probing", "gemma-generate"
     assert [i["argv"][0] for i in items] == ["eval", "train", "eval", "train", "generate", "generate"], items
-    out = run_lines(items, tmp_path)
+    out = check_lines(items, *ran)
     # the zero-shot numbers against a reference computed here: the share of the first 16 test records whose
     # label the same frozen model's predictions name (eval and predict are separate paths over one prompt)
     assert json.loads(out[0]["stdout"])["accuracy"] == pytest.approx(_zero_shot_hit_rate(tiny_gpt2_dir, "bbc"))
@@ -272,12 +326,12 @@ def test_causal_lm_blocks(tmp_path, tiny_gpt2_dir):
     assert len(out[4]["stdout"].strip().splitlines()) == 2, out[4]["stdout"]  # Peru, Canada
 
 
-def test_resume_block(tmp_path):
+def test_resume_block(shell_runs):
     """Train, then ``--resume`` with a longer run (the length of a run may change freely on resume)."""
-    items = plan(block("resume"), tmp_path, [])
+    tmp_path, items, ran = _group(shell_runs, "resume")  # the block "resume", its second line given --max-steps 4
     assert [("--resume" in i["argv"]) for i in items] == [False, True], items
-    items[1]["argv"] += ["--max-steps", "4"]
-    out = run_lines(items, tmp_path)
+    assert items[1]["argv"][-2:] == ["--max-steps", "4"]
+    out = check_lines(items, *ran)
     assert "(step 2)" in out[0]["stdout"] and "--save-every" in " ".join(items[0]["argv"])
     run = tmp_path / "runs" / "x"
     assert json.loads((run / "summary.json").read_text())["steps"] == 4, out[1]["stdout"]
@@ -285,25 +339,23 @@ def test_resume_block(tmp_path):
     assert history[0]["step"] == 2 and history[0]["changed"]["max_steps"] == [2, 4], history
 
 
-def test_export_block(tmp_path):
+def test_export_block(shell_runs):
     """The block exports ``runs/x``, which it does not make: here a LoRA run with ``--pooling pooler``, the
     case the section's table shows exact in both formats (prompt methods cannot be merged)."""
-    setup = plan(Block("bash", 0, "ptune train --method lora --pooling pooler --output-dir runs/x\n", None),
-                 tmp_path, [])
-    items = setup + plan(block("export"), tmp_path, [])
+    tmp_path, items, ran = _group(shell_runs, "export")  # a setup line, then the block "export"
     assert [i["argv"][0] for i in items] == ["train", "export", "export", "export"], items
-    run_lines(items, tmp_path)
+    check_lines(items, *ran)
     assert (tmp_path / "runs/x/export-peft/adapter_config.json").is_file()
     assert (tmp_path / "runs/x/export-merged/config.json").is_file()
     report = json.loads((tmp_path / "my_peft" / "ptune_export.json").read_text())
     assert report["exact"] is True, report
 
 
-def test_speed_layers_block(tmp_path):
+def test_speed_layers_block(shell_runs):
     """The --layers lines: each run puts its method in the named layers and says what work it skips."""
-    items = plan(block("speed-layers"), tmp_path, SETUP_RULES)
+    tmp_path, items, ran = _group(shell_runs, "speed-layers")  # the block "speed-layers"
     assert [i["argv"][0] for i in items] == ["train", "train"], items
-    out = run_lines(items, tmp_path)
+    out = check_lines(items, *ran)
     configs = {run: json.loads((tmp_path / "runs" / run / "best" / "adapter_config.json").read_text())
                for run in ("top3", "lora-top")}
     assert configs["top3"]["method_config"]["layers"] == "top:3"
