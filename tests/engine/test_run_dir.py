@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,30 +31,41 @@ def _cli(tiny_model_dir, toy_task, out, *extra):
             "--eval-every", "5", "--no-progress", "--output-dir", str(out), *extra]
 
 
-def test_two_writers_one_directory(tiny_model_dir, toy_task, tmp_path):
+def test_two_writers_one_directory(tiny_model_dir, toy_task, tmp_path, capsys):
+    """A second ``ptune train`` into a directory a running one holds is refused at once, with one line naming
+    the holder. The first is its own process; the second runs here (``ptune.cli.main``: its exit code and
+    stderr are the script's), which takes the lock as any other process would."""
+    from ptune.cli import main
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "same"
-    # long enough (~2,000 tiny steps) to still be training when the second command has started up
     first = subprocess.Popen(_cli(tiny_model_dir, toy_task, out, "--seed", "1", "--epochs", "1000", "--max-steps",
-                                  "2000", "--eval-every", "500"), env=env,
+                                  "200", "--eval-every", "50"), env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = time.time()
-    while not (out / "metrics.jsonl").exists() and first.poll() is None and time.time() - started < 120:
-        time.sleep(0.05)  # the first run holds the directory and is training
-    assert first.poll() is None, first.stderr.read()[-2000:]
-    second = subprocess.run(_cli(tiny_model_dir, toy_task, out, "--seed", "2", "--epochs", "1"), env=env,
-                            capture_output=True, text=True)
-    assert first.poll() is None, "the first run ended before the second started: make it longer"
-    assert second.returncode == 2
-    assert second.stderr.strip().splitlines() == [second.stderr.strip()]  # one line
-    assert f"{out} is in use by another training run (process {first.pid} on " in second.stderr
+    try:
+        started = time.time()
+        while not (out / OWNER_NAME).exists() and first.poll() is None and time.time() - started < 120:
+            time.sleep(0.01)  # the first run takes the directory (its lock, then its owner note)
+        # held still while the second command runs, however fast the machine: a stopped process holds its lock
+        # as a running one does
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        capsys.readouterr()
+        code = main(_cli(tiny_model_dir, toy_task, out, "--seed", "2", "--epochs", "1")[3:])
+        stderr = capsys.readouterr().err
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert code == 2
+    assert stderr.strip().splitlines() == [stderr.strip()]  # one line
+    assert f"{out} is in use by another training run (process {first.pid} on " in stderr
     assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
     record = json.loads((out / "config.json").read_text())
-    assert record["seed"] == 1 and record["max_steps"] == 2000
+    assert record["seed"] == 1 and record["max_steps"] == 200
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = json.loads((out / "summary.json").read_text())["steps"]
     assert [r["step"] for r in rows if "loss" in r and r.get("split") is None] == list(range(10, steps + 1, 10))
-    assert [r["step"] for r in rows if r.get("split") == "validation"] == [500, 1000, 1500, 2000]
+    assert [r["step"] for r in rows if r.get("split") == "validation"] == [50, 100, 150, 200]
     assert not (out / OWNER_NAME).exists()
 
 
