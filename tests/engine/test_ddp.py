@@ -1,8 +1,9 @@
-"""Data-parallel training: 2 CPU processes (gloo) under torchrun match one process.
+"""Data-parallel training: 2 CPU processes (gloo) under torchrun match one process, and a NaN on one rank
+is decided on both.
 
 torchrun, not ``accelerate launch --cpu``: accelerate 1.x starts a CPU "multi-process" launch as ONE
 process unless MPI is installed (its simple launcher), so a test launched that way compares a run
-with itself. Each test checks that two ranks really ran.
+with itself. Each test checks that two ranks really ran. This file's runs share one launch (``launch``).
 
 The helpers here are shared with test_multinode.py and test_fsdp.py: one toy task and one
 single-process reference run per method, trained once per session (in this process: no fresh
@@ -88,57 +89,104 @@ def assert_follows_single(run_dir, single_dir, tolerance: float) -> float:
     return worst
 
 
-def test_two_process_ddp_matches_single(tiny_model_dir, tmp_path_factory, tmp_path):
-    single = single_run(tiny_model_dir, tmp_path_factory)
-    args = train_args(tiny_model_dir, toy_files(tmp_path_factory))
-    ddp = subprocess.run([*TORCHRUN, "-m", "ptune.cli", *args, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=ENV, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "ptune: 2 processes" in ddp.stdout, ddp.stdout  # really two ranks
-    for line in ("ptune: done.", "ptune: adapter:", "ptune: metrics:"):  # the main process alone says it
-        assert ddp.stdout.count(line) == 1, ddp.stdout
-    # each process takes half of every batch and DDP averages gradients: same trajectory up to float order
-    assert_follows_single(tmp_path / "two", single, 1e-5)
-
-
-NAN_ON_RANK_1 = '''
-import os, sys
+DRIVER = '''
+import json, os, sys
 from ptune.model import PtuneModel
 
-real, calls = PtuneModel.forward, {"n": 0}
+real, nan = PtuneModel.forward, {"on": False, "n": 0}
 
 
-def forward(self, *args, **kwargs):  # rank 1's third training batch gives a NaN loss; rank 0's stay finite
+def forward(self, *args, **kwargs):  # a NaN run: rank 1's third training batch gives a NaN loss, rank 0's stay finite
     out = real(self, *args, **kwargs)
-    if self.training and os.environ.get("RANK") == "1":
-        calls["n"] += 1
-        if calls["n"] == 3:
+    if nan["on"] and self.training and os.environ.get("RANK") == "1":
+        nan["n"] += 1
+        if nan["n"] == 3:
             out.loss = out.loss * float("nan")
     return out
 
 
 PtuneModel.forward = forward
 from ptune.cli import main
-sys.exit(main(sys.argv[1:]))
+
+folder, code = sys.argv[1], 0
+for name, nan_on_rank_1, args in json.loads(sys.argv[2]):
+    nan.update(on=nan_on_rank_1, n=0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, ext in ((1, "out"), (2, "err")):  # each run's output apart, both ranks' in one file (as torchrun's)
+        f = os.open(os.path.join(folder, f"{name}.{ext}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(f, fd)
+        os.close(f)
+    try:
+        code = main(args)
+    except BaseException:  # recorded as the run's failure, with its traceback in its stderr
+        import traceback
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(os.path.join(folder, f"{name}.rank{os.environ['RANK']}.code"), "w") as f:
+        f.write(str(code))
+sys.exit(code)  # the last run's
 '''
 
 
+def _nan_args(model_dir: str, task: dict[str, str], policy: str, out) -> list[str]:
+    return ["train", "--model", model_dir, "--task", task["task"], "--train-file", task["train_file"],
+            "--validation-file", task["validation_file"], "--method", "prompt_tuning", "--num-virtual-tokens",
+            "4", "--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--no-progress", "--log-every", "1",
+            "--nan-policy", policy, "--output-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def launch(tiny_model_dir, tmp_path_factory):
+    """ONE torchrun launch of 2 processes (gloo) that runs, in turn, ``ptune.cli.main`` as ``ptune train`` runs
+    it: the plain run test_two_process_ddp_matches_single checks, then the --nan-policy skip and stop runs of
+    test_nonfinite_loss_on_one_rank_is_decided_on_every_rank (rank 1's third batch made NaN), the stop run
+    last (it ends the launch with its error). Each run's stdout / stderr (both ranks') and each rank's exit code
+    are kept apart: ``launch(name)`` -> (exit codes by rank, stdout, stderr); ``launch.folder`` holds the runs."""
+    folder = tmp_path_factory.mktemp("ddp-launch")
+    task = toy_files(tmp_path_factory)
+    runs = [("two", False, [*train_args(tiny_model_dir, task), "--output-dir", str(folder / "two")]),
+            *((f"nan-{policy}", True, _nan_args(tiny_model_dir, task, policy, folder / f"nan-{policy}"))
+              for policy in ("skip", "stop"))]
+    (folder / "driver.py").write_text(DRIVER)
+    proc = subprocess.run([*TORCHRUN, str(folder / "driver.py"), str(folder), json.dumps(runs)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+    def result(name: str) -> tuple[dict[int, int], str, str]:
+        codes = {r: int((folder / f"{name}.rank{r}.code").read_text()) for r in (0, 1)
+                 if (folder / f"{name}.rank{r}.code").exists()}
+        out, err = ((folder / f"{name}.{ext}") for ext in ("out", "err"))
+        text = [f.read_text() if f.exists() else "" for f in (out, err)]
+        assert codes, f"the launch never finished the {name} run (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        return codes, text[0], text[1]
+
+    result.folder, result.returncode = folder, proc.returncode
+    return result
+
+
+def test_two_process_ddp_matches_single(launch, tiny_model_dir, tmp_path_factory):
+    single = single_run(tiny_model_dir, tmp_path_factory)
+    codes, stdout, stderr = launch("two")
+    assert codes == {0: 0, 1: 0}, stderr[-3000:]
+    assert "ptune: 2 processes" in stdout, stdout  # really two ranks
+    for line in ("ptune: done.", "ptune: adapter:", "ptune: metrics:"):  # the main process alone says it
+        assert stdout.count(line) == 1, stdout
+    # each process takes half of every batch and DDP averages gradients: same trajectory up to float order
+    assert_follows_single(launch.folder / "two", single, 1e-5)
+
+
 @pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nonfinite_loss_on_one_rank_is_decided_on_every_rank(policy, tiny_model_dir, toy_task, tmp_path):
+def test_nonfinite_loss_on_one_rank_is_decided_on_every_rank(policy, launch):
     """One process seeing a NaN must not skip (or stop) alone: the other would wait in the gradient
     all-reduce for ever. Both skip the same batch, or both stop with the error."""
-    (tmp_path / "nan_on_rank_1.py").write_text(NAN_ON_RANK_1)
-    args = ["train", "--model", tiny_model_dir, "--task", toy_task["task"], "--train-file", toy_task["train_file"],
-            "--validation-file", toy_task["validation_file"], "--method", "prompt_tuning", "--num-virtual-tokens",
-            "4", "--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--no-progress", "--log-every", "1",
-            "--nan-policy", policy, "--output-dir", str(tmp_path / "run")]
-    r = subprocess.run([*TORCHRUN, str(tmp_path / "nan_on_rank_1.py"), *args], capture_output=True, text=True,
-                       env=ENV, timeout=300)
+    codes, _, stderr = launch(f"nan-{policy}")
     if policy == "skip":
-        assert r.returncode == 0, r.stderr[-3000:]
-        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert codes == {0: 0, 1: 0}, stderr[-3000:]
+        summary = json.loads((launch.folder / "nan-skip" / "summary.json").read_text())
         assert summary["skipped_batches"] == 1 and summary["steps"] == 5  # the step budget is kept: one batch more
     else:
-        assert r.returncode != 0
-        assert "loss became non-finite on another process at step 2" in r.stderr
-        assert "loss became nan at step 2" in r.stderr
+        assert len(codes) == 2 and 0 not in codes.values() and launch.returncode != 0
+        assert "loss became non-finite on another process at step 2" in stderr
+        assert "loss became nan at step 2" in stderr
