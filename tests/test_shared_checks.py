@@ -17,6 +17,7 @@ Adding a method, an architecture or a head is one row in tests/cases.py; this ma
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -32,9 +33,18 @@ CASES = [(m, a, h, q) for a, arch in ARCH_CASES.items() for h in arch.heads for 
          for q in (None, "nf4") if fits(m, a, q)]
 
 
+_BUILT: dict = {}  # (arch, kind) -> (the livened base as built, the global RNG state building it left)
+
+
 def make_base(arch: str, kind: str, quant: str | None):
-    """A deterministic tiny base: calling it twice gives two identical models."""
-    base = liven(tiny_base(arch, kind))
+    """A deterministic tiny base: calling it twice gives two identical models. Each (arch, kind) is built once
+    (its random initialisation is most of a case's time) and copied; the global RNG is set to the state building
+    it leaves, so what a case draws next (the adapter's initialisation) is what it drew with a fresh build."""
+    if (arch, kind) not in _BUILT:
+        _BUILT[arch, kind] = liven(tiny_base(arch, kind)), torch.get_rng_state()
+    built, rng = _BUILT[arch, kind]
+    base = copy.deepcopy(built)
+    torch.set_rng_state(rng)
     return quantize_model(base, quant) if quant else base
 
 
