@@ -4,7 +4,9 @@ method, and ``num_virtual_tokens=0`` / ``--max-minutes`` do what they say."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 import statistics
@@ -12,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from cli_batch import run_batch
+from cli_batch import Result
 from conftest import FOOD, SPORT
 
 import ptune
@@ -40,6 +42,31 @@ def _toy_task(root: Path) -> dict[str, str]:
     return {"task": str(root / "task.yaml"), **files}
 
 
+def study_commands(commands: list[list[str]], cwd: Path) -> list[Result]:
+    """``ptune compare | sweep | ablate`` commands through ``ptune.cli.main`` in this process, each with its own
+    stdout, stderr and exit code (as tests/cli_batch.py keeps them). A study's own process only plans, starts
+    every run as its own fresh ``ptune train`` process and writes the report from the runs' files: a fresh
+    interpreter for it would add ~5 s of imports and nothing else. ``cwd``: the working directory meanwhile."""
+    import os
+
+    from ptune.cli import main
+
+    results, before = [], os.getcwd()
+    os.chdir(cwd)
+    try:
+        for argv in commands:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    rc = main(argv)
+                except SystemExit as e:  # argparse errors, as the shell would see them
+                    rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            results.append(Result(argv, int(rc or 0), out.getvalue(), err.getvalue()))
+    finally:
+        os.chdir(before)
+    return results
+
+
 def _data_flags(tiny_model_dir, toy_task) -> list[str]:
     return ["--model", tiny_model_dir, "--task", toy_task["task"], "--train-file", toy_task["train_file"],
             "--validation-file", toy_task["validation_file"], "--test-file", toy_task["test_file"],
@@ -48,10 +75,10 @@ def _data_flags(tiny_model_dir, toy_task) -> list[str]:
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory, tiny_model_dir):
-    """The three studies, each trained once for the module: ``ptune compare | sweep | ablate`` in one fresh
-    process (tests/cli_batch.py; each study trains every run in its own fresh ``ptune train`` process, as
-    always). The tests that read the compare study read a copy taken as the command left it
-    (``as_written``): :func:`continued` then interrupts and continues the original in place."""
+    """The three studies, each trained once for the module (:func:`study_commands`; each study trains every
+    run in its own fresh ``ptune train`` process, as always). The tests that read the compare study read a copy
+    taken as the command left it (``as_written``): :func:`continued` then interrupts and continues the
+    original in place."""
     root = tmp_path_factory.mktemp("studies")
     (root / "data").mkdir()
     data = _data_flags(tiny_model_dir, _toy_task(root / "data"))
@@ -63,7 +90,7 @@ def studies(tmp_path_factory, tiny_model_dir):
         "ablate": ["ablate", "--seeds", "1", "--variants", "no_residual", "--num-virtual-tokens", "3", *data,
                    "--output-dir", str(root / "ablate")],
     }
-    results = dict(zip(flags, run_batch(list(flags.values()), workdir=root)))
+    results = dict(zip(flags, study_commands(list(flags.values()), root)))
     results["compare"].check()
     shutil.copytree(root / "cmp", root / "cmp-as-written")  # read, never continued (its runs name the original)
     return SimpleNamespace(root=root, flags=flags, results=results, as_written=root / "cmp-as-written")
@@ -72,8 +99,8 @@ def studies(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def continued(studies):
     """The compare study interrupted (one run stopped after its checkpoint, one never started) and the same
-    command run again; and, on a copy, the command with a changed setting. Both in one fresh process that
-    trained none of the runs it reads."""
+    command run again; and, on a copy, the command with a changed setting (neither process trained a run it
+    reads: each run trained in its own)."""
     out, flags = studies.root / "cmp", studies.flags["compare"]
     refused_dir = studies.root / "cmp-changed"
     shutil.copytree(out, refused_dir)
@@ -85,7 +112,7 @@ def continued(studies):
     shutil.rmtree(runs / "lora" / "seed-14")  # never started
     changed = [f if f != "2" or flags[k - 1] != "--seeds" else "3" for k, f in enumerate(flags)]
     changed[changed.index("--output-dir") + 1] = str(refused_dir)
-    refused, resumed = run_batch([changed, flags], workdir=studies.root)
+    refused, resumed = study_commands([changed, flags], studies.root)
     return SimpleNamespace(out=out, kept=kept, refused=refused, refused_dir=refused_dir, resumed=resumed, **seen)
 
 
