@@ -1,4 +1,5 @@
-"""Evaluation by generation end to end on a tiny random causal LM, each command in a fresh process: train with
+"""Evaluation by generation end to end on a tiny random causal LM, in fresh processes as a shell runs the
+commands (tests/cli_batch.py; the run is read back by a process that did not train it): train with
 --eval-generate and --metric rougeL (best/ kept by ROUGE-L) -> ptune eval RUN --generate -> predictions file;
 the zero-shot prompt scored the same way; and the refusals (--generate on a classification run, --eval-generate
 on a head that does not write text, a generated metric without --eval-generate): one line, exit 2, nothing written."""
@@ -6,11 +7,10 @@ on a head that does not write text, a generated metric without --eval-generate):
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+from cli_batch import run_batch
 
 from ptune.cli import main
 
@@ -26,33 +26,54 @@ stop: ["."]
 """
 
 
-def ptune(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """One ptune command in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+def write_capitals(folder: Path) -> Path:
+    rows = [{"text": q, "target": " " + a} for q, a in PAIRS]
+    for name, data in (("train", rows * 4), ("validation", rows), ("test", rows[::-1])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (folder / "task.yaml").write_text(TASK)
+    return folder
 
 
 @pytest.fixture()
 def capitals(tmp_path):
-    rows = [{"text": q, "target": " " + a} for q, a in PAIRS]
-    for name, data in (("train", rows * 4), ("validation", rows), ("test", rows[::-1])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    (tmp_path / "task.yaml").write_text(TASK)
-    return tmp_path
+    return write_capitals(tmp_path)
 
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_train_keeps_best_by_rouge_l_then_eval_generate_writes_predictions(tiny_gpt2_dir, capitals):
-    run = capitals / "run"
-    files = [f"--{s}-file={capitals / f'{s}.jsonl'}" for s in ("train", "validation", "test")]
-    done = ptune("train", "--model", tiny_gpt2_dir, "--task", str(capitals / "task.yaml"), *files,
-                 "--method", "lora", "--lr", "0.02", "--max-steps", "8", "--batch-size", "4", "--eval-every", "2",
-                 "--eval-generate", "4", "--metric", "rougeL", "--precision", "fp32", "--no-progress",
-                 "--output-dir", str(run))
-    assert done.returncode == 0, done.stderr
+@pytest.fixture(scope="module")
+def cli(tiny_gpt2_dir, tmp_path_factory) -> dict:
+    """The file's `ptune` commands in two fresh processes: the first trains the run and scores the zero-shot
+    prompt (which reads no run), the second, which never held the run, evaluates it from its saved files. Each
+    command's Result under its name; "root": the capitals folder (the commands' working directory), "run": the run."""
+    root = write_capitals(tmp_path_factory.mktemp("capitals"))
+    run = root / "run"
+    files = [f"--{s}-file={root / f'{s}.jsonl'}" for s in ("train", "validation", "test")]
+    zero_shot = ["eval", "--zero-shot", "--model", tiny_gpt2_dir, "--task", str(root / "task.yaml"),
+                 "--test-file", str(root / "test.jsonl"), "--generate"]
+    first = {
+        "train": ["train", "--model", tiny_gpt2_dir, "--task", str(root / "task.yaml"), *files, "--method", "lora",
+                  "--lr", "0.02", "--max-steps", "8", "--batch-size", "4", "--eval-every", "2", "--eval-generate", "4",
+                  "--metric", "rougeL", "--precision", "fp32", "--no-progress", "--output-dir", str(run)],
+        "zero-shot --output": [*zero_shot, "--limit", "2", "--max-new-tokens", "3",
+                               "--output", str(root / "out" / "zs.jsonl")],
+        "zero-shot": [*zero_shot, "--limit", "1"],
+    }
+    second = {
+        "eval validation": ["eval", str(run), "--split", "validation", "--generate"],
+        "eval test": ["eval", str(run), "--generate", "--limit", "3"],  # the test split, its first 3 records
+    }
+    done = {"root": root, "run": run}
+    for batch in (first, second):
+        done.update(zip(batch, run_batch(list(batch.values()), workdir=root)))
+    return done
+
+
+def test_train_keeps_best_by_rouge_l_then_eval_generate_writes_predictions(cli):
+    run = cli["run"]
+    cli["train"].check()
     summary = json.loads((run / "summary.json").read_text())
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("split") == "validation"]
     assert len(evals) == 4 and all({"loss", "rouge1", "rouge2", "rougeL", "bleu4"} <= set(r) for r in evals)
@@ -64,16 +85,12 @@ def test_train_keeps_best_by_rouge_l_then_eval_generate_writes_predictions(tiny_
     assert {"rougeL", "bleu4", "loss"} <= set(summary["test"])  # the test split is scored by generation too
 
     # the kept adapter, evaluated by generation on the same validation records, gives the ROUGE-L it was kept for
-    done = ptune("eval", str(run), "--split", "validation", "--generate")
-    assert done.returncode == 0, done.stderr
-    metrics = json.loads(done.stdout)
+    metrics = json.loads(cli["eval validation"].check().stdout)
     assert metrics["rougeL"] == pytest.approx(best["rougeL"], abs=1e-12)
     assert metrics["generated"] == 4 and metrics["loss"] > 0 and metrics["perplexity"] > 1
     assert metrics["predictions"] == str(run / "predictions-validation.jsonl")
 
-    done = ptune("eval", str(run), "--generate", "--limit", "3")  # the test split, its first 3 records
-    assert done.returncode == 0, done.stderr
-    metrics = json.loads(done.stdout)
+    metrics = json.loads(cli["eval test"].check().stdout)  # the test split, its first 3 records
     rows = read_jsonl(run / "predictions-test.jsonl")
     assert [(r["input"], r["reference"]) for r in rows] == [(q, a) for q, a in PAIRS[::-1][:3]]
 
@@ -91,20 +108,14 @@ def test_train_keeps_best_by_rouge_l_then_eval_generate_writes_predictions(tiny_
     assert {k: metrics[k] for k in scores} == pytest.approx(scores)
 
 
-def test_zero_shot_generation_writes_where_asked(tiny_gpt2_dir, capitals):
-    out = capitals / "out" / "zs.jsonl"
-    done = ptune("eval", "--zero-shot", "--model", tiny_gpt2_dir, "--task", str(capitals / "task.yaml"),
-                 "--test-file", str(capitals / "test.jsonl"), "--generate", "--limit", "2", "--max-new-tokens", "3",
-                 "--output", str(out), cwd=capitals)
-    assert done.returncode == 0, done.stderr
-    metrics = json.loads(done.stdout)
+def test_zero_shot_generation_writes_where_asked(cli):
+    capitals = cli["root"]
+    metrics = json.loads(cli["zero-shot --output"].check().stdout)
     assert {"loss", "perplexity", "rouge1", "rouge2", "rougeL", "bleu4"} <= set(metrics)
-    rows = read_jsonl(out)
+    rows = read_jsonl(capitals / "out" / "zs.jsonl")
     assert [r["reference"] for r in rows] == ["lima", "madrid"] and all("prediction" in r for r in rows)
     # without --output: a file named after the task and split, in the working directory
-    done = ptune("eval", "--zero-shot", "--model", tiny_gpt2_dir, "--task", str(capitals / "task.yaml"),
-                 "--test-file", str(capitals / "test.jsonl"), "--generate", "--limit", "1", cwd=capitals)
-    assert done.returncode == 0, done.stderr
+    cli["zero-shot"].check()
     assert len(read_jsonl(capitals / "predictions-zero-shot-capitals-test.jsonl")) == 1
 
 
