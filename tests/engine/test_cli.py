@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_batch import run_batch
 
 from ptune.cli import main
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_train_predict_eval(tiny_model_dir, toy_task, tmp_path, capsys):
@@ -36,16 +30,28 @@ def test_train_predict_eval(tiny_model_dir, toy_task, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == pytest.approx(summary["test"])  # the run's own test numbers
 
 
-@pytest.mark.parametrize("args, message", [
+USER_ERRORS = [
     (["train", "--method", "nope"], "unknown method 'nope'"),
     (["train", "--batch-size", "0"], "batch_size=0 is invalid"),
     (["train", "--model", "/no/such/model", "--max-steps", "1"], "/no/such/model"),
     (["train", "--task", "/no/such/task.yaml"], "does not exist"),
     (["predict", "/no/such/run", "hello"], "is not a finished ptune run"),
-])
-def test_user_errors_are_one_line(args, message):
-    proc = run_cli(*args)
-    assert proc.returncode == 2
+]
+
+
+@pytest.fixture(scope="module")
+def user_error_results(tmp_path_factory):
+    """The user mistakes' commands as a shell runs them (main(), its exit code and stderr), in one fresh process
+    (tests/cli_batch.py); a fresh process's own start-up output is checked by test_damaged_files'
+    test_predict_in_a_fresh_process_prints_no_traceback."""
+    return run_batch([args for args, _ in USER_ERRORS], workdir=tmp_path_factory.mktemp("user-errors"))
+
+
+@pytest.mark.parametrize("args, message", USER_ERRORS)
+def test_user_errors_are_one_line(args, message, user_error_results):
+    proc = user_error_results[USER_ERRORS.index((args, message))]
+    assert proc.argv == args
+    assert proc.rc == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
