@@ -10,13 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers as tf
 from cases import METHOD_CASES, method_config, methods
+from cli_batch import run_batch
 from conftest import liven, train_steps
 
 import ptune
@@ -361,28 +360,27 @@ def test_unsupported_options_and_data_are_refused(tok):
 
 # the CLI -------------------------------------------------------------------------------------------------------
 
-def _ptune(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, f"ptune {' '.join(args[:2])} failed:\n{proc.stderr[-2000:]}"
-    return proc.stdout
-
-
 def test_cli_train_then_generate_and_predict(t5_dir, tmp_path):
+    """Train in one fresh process; generate, predict and eval in another, which rebuilds the run from its files
+    (tests/cli_batch.py: each command through the `ptune` script's main, its own stdout and exit code)."""
     rows = [{"input": f"say {w}", "target": w} for w in ("red", "green", "blue", "dog")]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "task.yaml").write_text("name: say\nhead: seq2seq\ntext_fields: [input]\nmax_length: 16\n")
     run = str(tmp_path / "run")
-    _ptune("train", "--model", t5_dir, "--task", str(tmp_path / "task.yaml"), "--train-file",
-           str(tmp_path / "data.jsonl"), "--validation-file", str(tmp_path / "data.jsonl"), "--method",
-           "prompt_tuning", "--num-virtual-tokens", "4", "--max-steps", "2", "--batch-size", "4", "--precision",
-           "fp32", "--no-progress", "--output-dir", run)
+    [train] = run_batch([["train", "--model", t5_dir, "--task", str(tmp_path / "task.yaml"), "--train-file",
+                          str(tmp_path / "data.jsonl"), "--validation-file", str(tmp_path / "data.jsonl"), "--method",
+                          "prompt_tuning", "--num-virtual-tokens", "4", "--max-steps", "2", "--batch-size", "4",
+                          "--precision", "fp32", "--no-progress", "--output-dir", run]])
+    train.check()
     spec = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())
     assert spec["base"]["kind"] == "seq2seq_lm" and spec["head"]["kind"] == "seq2seq"
-    generated = _ptune("generate", run, "say red", "say dog", "--max-new-tokens", "16").splitlines()
-    predicted = [json.loads(line)["generated"] for line in _ptune("predict", run, "say red", "say dog",
-                                                                  "--json").splitlines()]
+    generate, predict, evaluate = (r.check().stdout for r in run_batch([
+        ["generate", run, "say red", "say dog", "--max-new-tokens", "16"],
+        ["predict", run, "say red", "say dog", "--json"],
+        ["eval", run, "--split", "validation"]]))
+    generated = generate.splitlines()
+    predicted = [json.loads(line)["generated"] for line in predict.splitlines()]
     assert len(generated) == 2 and predicted == generated  # predict answers by greedy generation
-    metrics = json.loads(_ptune("eval", run, "--split", "validation"))
+    metrics = json.loads(evaluate)
     assert metrics["loss"] == pytest.approx(json.loads((tmp_path / "run" / "summary.json").read_text())[
         "best_validation_loss"], abs=1e-6)
