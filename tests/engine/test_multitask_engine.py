@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
+from cli_batch import run_batch
 from test_train_loop import interrupt_after, losses
 
 from ptune.engine import Run, TrainConfig, train
@@ -204,23 +203,18 @@ def test_multitask_cli_in_fresh_processes(tiny_model_dir, two_tasks, tmp_path):
         "model": tiny_model_dir, "task": two_tasks, "method": "p_tuning", "share_prompt": True,
         "method_options": {"num_virtual_tokens": 3, "encoder": "mlp", "encoder_hidden_size": 16},
         "max_steps": 4, "batch_size": 8, "precision": "fp32", "output_dir": str(tmp_path / "run")}))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-
-    def ptune_cli(*args):
-        return subprocess.run([sys.executable, "-m", "ptune.cli", *args], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=300)
-
-    r = ptune_cli("train", "--config", str(tmp_path / "mt.yaml"), "--no-progress")
-    assert r.returncode == 0, r.stderr
+    # train in one fresh process; eval and predict in another, which rebuilds the run from its files
+    # (tests/cli_batch.py: each command through the `ptune` script's main, its own output and exit code)
+    [r] = run_batch([["train", "--config", str(tmp_path / "mt.yaml"), "--no-progress"]], workdir=tmp_path)
+    r.check()
     assert "best validation mean score" in r.stdout
-    r = ptune_cli("eval", str(tmp_path / "run"), "--split", "test", "--task", "ner")
-    assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) == {"precision", "recall", "f1", "accuracy"}
-    r = ptune_cli("predict", str(tmp_path / "run"), "the team won", "--task", "toy", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["label"] in ("sport", "food")
-    r = ptune_cli("predict", str(tmp_path / "run"), "the team won")
-    assert r.returncode == 2 and "name one" in r.stderr and "--task NAME" in r.stderr
+    evaluate, predict, unnamed = run_batch([
+        ["eval", str(tmp_path / "run"), "--split", "test", "--task", "ner"],
+        ["predict", str(tmp_path / "run"), "the team won", "--task", "toy", "--json"],
+        ["predict", str(tmp_path / "run"), "the team won"]], workdir=tmp_path)
+    assert set(json.loads(evaluate.check().stdout)) == {"precision", "recall", "f1", "accuracy"}
+    assert json.loads(predict.check().stdout)["label"] in ("sport", "food")
+    assert unnamed.rc == 2 and "name one" in unnamed.stderr and "--task NAME" in unnamed.stderr
 
 
 def test_predict_mixed_adapters_from_the_cli(tiny_model_dir, toy_task, two_tasks, tmp_path, capsys):
