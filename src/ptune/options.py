@@ -112,6 +112,17 @@ def flag_type(annotation: Any) -> Callable[[str], Any]:
 
 # ----------------------------------------------------------------------------------- fields and docs
 
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, evaluated once per class and process (the annotations are strings, and
+    building the parser asks TrainConfig's 17 times); a copy, free to change."""
+    return dict(_type_hints(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> tuple[tuple[str, Any], ...]:
+    return tuple(typing.get_type_hints(cls).items())
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's attribute docstring (the string under it), read by docstring_parser: the docs live
     next to the field once, and --help, the API and the YAML keys share them. Inherited fields too."""
@@ -200,7 +211,7 @@ def train_help() -> dict[str, str]:
 
 def train_fields() -> dict[str, Any]:
     """TrainConfig's fields set by flags (all but ``method_options``), with their annotations."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "method_options"}
 
 
@@ -237,7 +248,7 @@ def method_options() -> dict[str, MethodOption]:
     train = train_fields()
     out: dict[str, MethodOption] = {}
     for method, (cls, _) in METHODS.items():
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        hints, docs = type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in train or f.name in NOT_METHOD_FLAGS:
                 continue
@@ -321,7 +332,7 @@ def setting_value(name: str, text: str, method: str | None, where: str) -> Any:
     typed by its field; ConfigError naming ``where`` when it is neither or the value does not fit."""
     annotation = train_fields().get(name)
     if annotation is None and method is not None:
-        annotation = typing.get_type_hints(method_entry(method)[0]).get(name)
+        annotation = type_hints(method_entry(method)[0]).get(name)
     if annotation is None:
         raise ConfigError(f"{where}: {name} is neither a training option nor an option of {method}")
     try:
