@@ -6,7 +6,8 @@ What stays true to a user's shell: the process is fresh (it never held the model
 read, so `ptune eval` still rebuilds every run from its saved files alone); each command runs through the
 same `main` that the `ptune` script calls, with the same argument parsing, error handling and exit codes
 (`SystemExit` from argparse is caught and its code kept). What is shared between the commands of one batch:
-imported modules and torch's global state. Tests that need a command alone in its process (signals,
+imported modules and torch's global state. Logging handlers that hold the process's stderr / stdout
+(transformers' own, made at import) are pointed at the command's buffers while it runs. Tests that need a command alone in its process (signals,
 crashes, environment, start-up itself) keep using `subprocess` directly.
 
     results = run_batch([["train", ...], ["train", ...]])      # one process, commands in order
@@ -28,8 +29,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from ptune.cli import main
 commands = json.load(open(sys.argv[1]))
 results = []
+import logging
+def stream_handlers(stream):  # logging handlers made before a redirect keep the real stream: point them too
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging._StderrHandler)
+            and getattr(h, "stream", None) is stream]  # (_StderrHandler follows sys.stderr by itself)
 for argv in commands:
     out, err = io.StringIO(), io.StringIO()
+    real_err, real_out = sys.stderr, sys.stdout
+    moved = [(h, err) for h in stream_handlers(real_err)] + [(h, out) for h in stream_handlers(real_out)]
+    for h, s in moved:
+        h.setStream(s)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc = main(argv)
@@ -40,6 +52,8 @@ for argv in commands:
         except BaseException:  # an unexpected exception: exit 1 with the traceback, as python would print it
             traceback.print_exc()
             rc = 1
+    for h, s in moved:
+        h.setStream(real_err if s is err else real_out)
     results.append({"argv": argv, "rc": int(rc or 0), "stdout": out.getvalue(), "stderr": err.getvalue()})
 json.dump(results, open(sys.argv[2], "w"))
 """
