@@ -138,6 +138,15 @@ def test_compare_report_equals_the_runs_summaries(studies, tmp_path, monkeypatch
         adapter = out / "runs" / row["variant"] / "seed-13" / "best"
         assert row["adapter_bytes"] == sum(p.stat().st_size for p in adapter.iterdir())
         assert f"{row['validation_mean']:.4f} ± {row['validation_std']:.4f}" in (out / "report.md").read_text()
+        # seconds to 95% of best: the training seconds on the first validation row that reached it, per seed
+        to_target = []
+        for s, summary in zip((13, 14), summaries):
+            rows = [json.loads(x) for x in (out / "runs" / row["variant"] / f"seed-{s}" / "metrics.jsonl").open()]
+            val_rows = [r for r in rows if r.get("split") == "validation"]
+            first = next(r for r in val_rows if r["accuracy"] >= 0.95 * summary["best_validation_accuracy"])
+            to_target.append(first["step_seconds"])
+        assert row["seconds_to_95"] == pytest.approx(statistics.fmean(to_target))
+        assert f"| {row['seconds_to_95']:.1f} | 2 |" in (out / "report.md").read_text()
     # different methods have different trainable parts: the table does not repeat one run's numbers
     assert len({r["trainable"] for r in data["rows"]}) == 2
     for name in data["plots"]:

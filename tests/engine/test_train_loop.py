@@ -38,6 +38,11 @@ def test_train_writes_run_directory(tiny_model_dir, toy_task, tmp_path):
 
     assert Run(run).evaluate("test") == pytest.approx(s["test"])  # the best adapter, reloaded, scores the same
     assert s["trainable_parameters"] == 2 * 4 * 2 * 32 + 32 * 2 + 2  # prefixes + head
+    # seconds of training on every validation row: growing, and evaluations are not in them
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    seconds = [r["step_seconds"] for r in rows if r.get("split") == "validation"]
+    assert len(seconds) == 5 and 0 < seconds[0] and seconds == sorted(seconds) and seconds[-1] <= s["step_seconds"]
+    assert s["step_seconds"] <= s["train_seconds_this_session"] - s["eval_seconds"]
 
 
 def interrupt_after(monkeypatch, steps):

@@ -154,7 +154,9 @@ class Trainer:
         usable = len(order) - len(order) % cfg.grad_accum  # a trailing partial group is dropped
         b, stop = st.batch_in_epoch, False
         while b < usable and not stop:
+            started = time.perf_counter()
             loss = self.train_step(order[b:b + cfg.grad_accum])
+            st.step_seconds += time.perf_counter() - started
             b += cfg.grad_accum
             st.batch_in_epoch = b
             if loss is None:  # skipped for a non-finite loss: no step, no evaluation
@@ -261,7 +263,8 @@ class Trainer:
         try:
             metrics = self.evaluate()
             self._keep_best(metrics[self.tasks.metric[0]])
-            self.log.write(step=st.step, epoch=st.epoch, split="validation", **metrics)
+            self.log.write(step=st.step, epoch=st.epoch, split="validation", **metrics,
+                           step_seconds=round(st.step_seconds, 3))
             if self.is_main:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 print(f"ptune: step {st.step} validation: {shown}", flush=True)
@@ -317,7 +320,7 @@ class Trainer:
             f"best_validation_{self.tasks.metric[0]}": st.best, "best_step": st.best_step,
             "trainable_parameters": trainable, "total_parameters": total_params,
             "trainable_percent": 100 * trainable / total_params, "train_seconds_this_session": st.train_seconds,
-            "eval_seconds": st.eval_seconds or 0.0,
+            "eval_seconds": st.eval_seconds or 0.0, "step_seconds": st.step_seconds,
             "test": test_metrics, "skipped_batches": st.skipped_batches, "peak_rss_mb": peak_rss_mb(),
             "precision": self.precision, **counts,  # examples (and, for several tasks, per task)
         }

@@ -21,6 +21,9 @@ class TrainState:
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     skipped_batches: int = 0  # groups dropped for a non-finite loss (--nan-policy skip)
     train_seconds: float = 0.0
+    # seconds inside optimizer steps (batching, forward, backward, update) over every session of the run:
+    # evaluation, checkpoints and start-up excluded; each validation row of metrics.jsonl carries it
+    step_seconds: float = 0.0
     # None until the first evaluation ends: checkpoints written before then have no such key,
     # and older checkpoints never had it
     eval_seconds: float | None = None

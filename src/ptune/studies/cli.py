@@ -39,7 +39,7 @@ def add_study_parsers(sub: Any, shown: Sequence[str] | None = None) -> None:
     c = _study_parser(sub, "compare", "train several methods over seeds; one report (tables, plots)",
                       "Train each method over seeds, every run an ordinary ptune train run, then write report.md "
                       "and report.html: mean ± std of the validation and test metric, trainable parameters and "
-                      "share, adapter size, training time, samples/s, peak RSS, epochs to 95% of the best, and "
+                      "share, adapter size, training time, samples/s, peak RSS, epochs and seconds of training to 95% of the best, and "
                       "plots (learning curves, score against trainable parameters and against time).",
                       "runs/compare", 3, keep_method=False, shown=shown)
     c.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")

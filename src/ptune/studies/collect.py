@@ -11,6 +11,8 @@ from typing import Any
 
 from .plan import Study, Variant
 
+TARGET_FRACTION = 0.95  # "to 95% of best": the first evaluation whose validation score reached this share of the run's best
+
 
 @dataclass
 class RunResult:
@@ -28,6 +30,9 @@ class RunResult:
     samples_per_second: float  # training examples per second of training (evaluations excluded)
     peak_rss_mb: float
     epochs_to_95: float | None  # training epochs until validation first reached 95% of its best
+    # seconds of training (optimizer steps only: evaluation, checkpoints and start-up excluded) until that
+    # evaluation; None for runs whose metrics.jsonl predates the validation rows' step_seconds
+    seconds_to_95: float | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (step, validation metric)
     steps_per_epoch: int = 0
     load: tuple[float, float] | None = None  # the machine's 1-minute load average before and after the run
@@ -53,6 +58,7 @@ class Row:
     samples_per_second: float
     peak_rss_mb: float
     epochs_to_95: float | None
+    seconds_to_95: float | None = None  # mean over the seeds that have it
     value: Any = None  # sweep: the option's value
 
 
@@ -73,13 +79,16 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunResult | None:
     # the loop's optimizer steps per epoch: batches (the last one partial), trailing partial accumulation dropped
     steps_per_epoch = max(1, math.ceil(n_train / config["batch_size"]) // config["grad_accum"])
     curve: list[tuple[float, float]] = []
+    seconds: dict[float, float] = {}  # step -> seconds of training at that evaluation
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
         if entry.get("split") == "validation" and metric in entry:
             curve.append((float(entry["step"]), float(entry[metric])))
+            if "step_seconds" in entry:
+                seconds[float(entry["step"])] = float(entry["step_seconds"])
     best = summary[key]
     higher = metric != "loss"
-    reached = [s for s, v in curve if (v >= 0.95 * best if higher else v <= best / 0.95)]
+    reached = [s for s, v in curve if (v >= TARGET_FRACTION * best if higher else v <= best / TARGET_FRACTION)]
     adapter = Path(summary["adapter"])
     adapter = adapter if adapter.is_absolute() else run_dir / "best"
     size = sum(p.stat().st_size for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else 0
@@ -97,7 +106,8 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunResult | None:
         test=None if test is None else float(test), trainable=summary["trainable_parameters"],
         total=summary["total_parameters"], adapter_bytes=size, train_seconds=train_s, eval_seconds=eval_s,
         samples_per_second=examples / max(train_s - eval_s, 1e-9), peak_rss_mb=summary["peak_rss_mb"],
-        epochs_to_95=(reached[0] / steps_per_epoch) if reached else None, curve=curve,
+        epochs_to_95=(reached[0] / steps_per_epoch) if reached else None,
+        seconds_to_95=seconds.get(reached[0]) if reached else None, curve=curve,
         steps_per_epoch=steps_per_epoch, load=load, cpu=cpu)
 
 
@@ -117,6 +127,7 @@ def aggregate(variant: Variant, runs: list[RunResult], swept: str | None = None)
     tests = [r.test for r in runs if r.test is not None]
     test_mean, test_std = _mean_std(tests) if tests else (None, None)
     epochs = [r.epochs_to_95 for r in runs if r.epochs_to_95 is not None]
+    seconds = [r.seconds_to_95 for r in runs if r.seconds_to_95 is not None]
     value = None
     if swept:
         value = {**variant.options, **variant.method_options}.get(swept)
@@ -126,7 +137,8 @@ def aggregate(variant: Variant, runs: list[RunResult], swept: str | None = None)
                adapter_bytes=runs[0].adapter_bytes, train_seconds=statistics.fmean(r.train_seconds for r in runs),
                samples_per_second=statistics.fmean(r.samples_per_second for r in runs),
                peak_rss_mb=max(r.peak_rss_mb for r in runs),
-               epochs_to_95=statistics.fmean(epochs) if epochs else None, value=value)
+               epochs_to_95=statistics.fmean(epochs) if epochs else None,
+               seconds_to_95=statistics.fmean(seconds) if seconds else None, value=value)
 
 
 def as_json(rows: list[Row], results: list[RunResult]) -> dict[str, Any]:

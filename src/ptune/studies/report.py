@@ -40,7 +40,8 @@ def table(study: Study, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     metric = rows[0].metric if rows else "metric"
     header = ["variant"] + (["value"] if study.kind == "sweep" else []) + [
         f"validation {metric} (mean ± std)", f"test {metric} (mean ± std)", "trainable", "share",
-        "adapter size", "train time (s)", "samples/s", "peak RSS (MB)", "epochs to 95% of best", "seeds"]
+        "adapter size", "train time (s)", "samples/s", "peak RSS (MB)", "epochs to 95% of best",
+        "train s to 95% of best", "seeds"]
     full = next((r for r in rows if r.variant == "full"), None)
     if study.kind == "ablate" and full:
         header.insert(3, "drop from full")
@@ -50,7 +51,8 @@ def table(study: Study, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
             _pm(r.validation_mean, r.validation_std), _pm(r.test_mean, r.test_std), f"{r.trainable:,}",
             f"{r.trainable_percent:.4f}%", _size(r.adapter_bytes), f"{r.train_seconds:.1f}",
             f"{r.samples_per_second:.1f}", f"{r.peak_rss_mb:.0f}",
-            "-" if r.epochs_to_95 is None else f"{r.epochs_to_95:.2f}", str(r.runs)]
+            "-" if r.epochs_to_95 is None else f"{r.epochs_to_95:.2f}",
+            "-" if r.seconds_to_95 is None else f"{r.seconds_to_95:.1f}", str(r.runs)]
         if study.kind == "ablate" and full:
             line.insert(3, f"{_headline(full) - _headline(r):+.4f}" if r is not full else "-")
         cells.append(line)
@@ -98,7 +100,9 @@ def _notes(study: Study, data: dict[str, Any]) -> list[str]:
              f"finished. Mean ± sample standard deviation over seeds (the spread is the stability column).",
              "Train time is the training loop's wall time with its evaluations; samples/s leaves the evaluations "
              "out; peak RSS is the training process's. Epochs to 95% of best: the first evaluation whose validation "
-             "score reached 95% of that run's best."]
+             "score reached 95% of that run's best; train s to 95% of best: the seconds of training (optimizer steps only: "
+             "evaluations, checkpoints and start-up left out) until that evaluation, so it resolves only as finely as "
+             "the runs evaluate (--eval-every)."]
     loads = [v for r in data["runs"] if r.get("load") for v in r["load"]]
     if loads:
         cpus = sorted({r["cpu"] for r in data["runs"] if r.get("cpu")})
