@@ -66,7 +66,7 @@ SIDE_NAMES = {"peft": "PEFT (examples)", "peft_tuned": "PEFT tuned", "peft_eager
 PTUNE_OPTIONS = {
     "prompt_tuning": {"num_virtual_tokens": 20},
     "p_tuning": {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_num_layers": 3},
-    "p_tuning_v2": {"num_virtual_tokens": 20},
+    "p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"},  # full depth, as PEFT (P-Tuning v2's default is the upper half)
     "prefix_tuning": {"num_virtual_tokens": 20, "encoder_hidden_size": 384},
     "lora": {"r": 8, "alpha": 16},
 }
@@ -114,6 +114,7 @@ def ptune_config(method: str, s: dict, output_dir: str):
     extra = options["num_virtual_tokens"] if method in INPUT_PROMPTS else 0
     values = dict(model="minilm", task="bbc", method=method, method_options=options,
                   epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"] + extra,
+                  warmup_ratio=0.06,  # the PEFT sides' schedule (get_linear_schedule_with_warmup at 6%)
                   seed=s["seed"], output_dir=output_dir, progress=False, log_every=1000,
                   limit_train=s["limit_train"], limit_eval=s["limit_eval"])
     return TrainConfig(**{**values, **train_opts})

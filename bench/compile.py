@@ -31,7 +31,8 @@ def build(method: str, batch_size: int, max_length: int):
     from ptune.engine.build import build_model, encode_records, load_task, make_encoder
 
     torch.manual_seed(0)
-    cfg = TrainConfig(model="minilm", task="bbc", method=method, max_length=max_length, progress=False)
+    cfg = TrainConfig(model="minilm", task="bbc", method=method, max_length=max_length, progress=False,
+                      method_options={"layers": "all"} if method == "p_tuning_v2" else {})  # full depth
     tok = ptune.load_tokenizer("minilm")
     task, splits = load_task(cfg, tok)
     model = build_model(cfg, task, tok)

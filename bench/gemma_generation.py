@@ -25,7 +25,7 @@ PROMPTS = ["The capital of France is", "Water boils at", "The best way to learn 
 ADAPTERS = {
     "prompt_tuning": {"num_virtual_tokens": 20},
     "p_tuning": {"num_virtual_tokens": 20},
-    "p_tuning_v2": {"num_virtual_tokens": 20},
+    "p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"},
     "lora": {"r": 8},
 }
 

@@ -84,7 +84,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     marks["base_quantized_tables"] = getattr(base, "_ptune_quantized_embeddings", None)
     task, splits = load_builtin("bbc")
     words = [task.label_words[x] for x in task.labels]
-    config = ptune.make_config(c["method"], **({"r": 8} if "lora" in c["method"] else {"num_virtual_tokens": 16}))
+    config = ptune.make_config(c["method"], **({"r": 8} if "lora" in c["method"] else {"num_virtual_tokens": 16, **({"layers": "all"} if c["method"] == "p_tuning_v2" else {})}))
     model = ptune.apply(base, config, head=ptune.HeadConfig("verbalizer"), template="{text} This article is about {mask}",
                         tokenizer=tok, labels=task.labels, label_words=words)
     for p in model.parameters():  # trainable parameters in fp32, the frozen base as loaded

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import describe, host_facts, load  # noqa: E402
 
-METHODS = {"p_tuning_v2": {"num_virtual_tokens": 20}, "lora": {"r": 8, "alpha": 16}}
+METHODS = {"p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"}, "lora": {"r": 8, "alpha": 16}}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -33,6 +33,7 @@ def child(mode: str, method: str, steps: int) -> dict:
     from speed import step_trainer
 
     tr = step_trainer({"method": method, "task": "bbc", "batch_size": 32, "max_length": 128, "progress": False,
+                       "method_options": {"layers": "all"} if method == "p_tuning_v2" else {},  # full depth
                        "output_dir": tempfile.mkdtemp(prefix="ptune-malloc-"), "overwrite": True})
     times = []
     try:

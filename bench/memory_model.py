@@ -241,6 +241,8 @@ def measure_minilm(name: str, batch: int, length: int, steps: int) -> dict:
     base = ptune.load_base("minilm", "backbone", dtype=torch.bfloat16, quantize=c["quantize"])
     task, splits = load_builtin("bbc")
     opts = {"r": 8} if "lora" in c["method"] else {"num_virtual_tokens": 16}
+    if c["method"] == "p_tuning_v2":
+        opts["layers"] = "all"  # every layer, as the memory model counts them
     model = ptune.apply(base, ptune.make_config(c["method"], **opts), head=ptune.HeadConfig("classification", num_labels=len(task.labels)),
                         tokenizer=tok, labels=task.labels)
     for p in model.parameters():

@@ -55,7 +55,7 @@ from pathlib import Path
 # set-up). Gemma steps take tens of seconds on 2 cores, hence fewer of them
 MODELS = {"minilm": {"batch_size": 32, "max_length": 128, "train": {}, "warmup": 2, "steps": 5},
           "gemma": {"batch_size": 8, "max_length": 128, "train": {"head": "verbalizer"}, "warmup": 1, "steps": 3}}
-METHOD_DEFAULTS = {"p_tuning_v2": {"num_virtual_tokens": 20}, "lora": {"r": 8, "alpha": 16}}
+METHOD_DEFAULTS = {"p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"}, "lora": {"r": 8, "alpha": 16}}
 # options that skip work; the full-depth plain step drops / switches them off (where the option exists)
 SKIPPING_METHOD_OPTIONS = ("layers",)
 PLAIN_TRAIN = {"prune_last_layer": False, "cache_frozen_layers": False}
@@ -179,6 +179,8 @@ def run_one(job: dict) -> dict:
         # the useful work: the full-depth plain step on the same batch shape
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         plain_method = {k: v for k, v in job["method_options"].items() if k not in SKIPPING_METHOD_OPTIONS}
+        if "layers" in job["method_options"]:
+            plain_method["layers"] = "all"  # every layer (P-Tuning v2's own default is the upper half)
         plain_train = {**job["train_options"], **{k: v for k, v in PLAIN_TRAIN.items() if k in fields}}
         if plain_method == job["method_options"] and plain_train == job["train_options"]:
             useful, useful_per_op = flops, per_op

@@ -46,11 +46,11 @@ from ptune.engine import Run  # noqa: E402
 ADAPTERS = {  # name -> (task, method config)
     "bbc-prompt": ("bbc", lambda: ptune.PromptTuningConfig(num_virtual_tokens=20)),
     "bbc-ptuning": ("bbc", lambda: ptune.PTuningConfig(num_virtual_tokens=20, encoder="mlp")),
-    "bbc-v2": ("bbc", lambda: ptune.PTuningV2Config(num_virtual_tokens=20)),
+    "bbc-v2": ("bbc", lambda: ptune.PTuningV2Config(num_virtual_tokens=20, layers="all")),
     "bbc-prefix": ("bbc", lambda: ptune.PrefixTuningConfig(num_virtual_tokens=10, encoder_hidden_size=384)),
     "bbc-lora": ("bbc", lambda: ptune.LoraConfig(r=8)),
     "bbc-bitfit": ("bbc", lambda: ptune.BitFitConfig()),
-    "wnut-v2": ("wnut", lambda: ptune.PTuningV2Config(num_virtual_tokens=8)),
+    "wnut-v2": ("wnut", lambda: ptune.PTuningV2Config(num_virtual_tokens=8, layers="all")),
     "wnut-adalora": ("wnut", lambda: ptune.AdaLoraConfig(init_r=8, target_r=4, total_step=10)),
 }
 

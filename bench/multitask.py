@@ -25,7 +25,7 @@ from pathlib import Path
 from ptune.engine import TrainConfig, train
 
 ROOT = Path("bench/runs/multitask")
-COMMON = dict(model="minilm", method="p_tuning_v2", method_options={"num_virtual_tokens": 8}, batch_size=32,
+COMMON = dict(model="minilm", method="p_tuning_v2", method_options={"num_virtual_tokens": 8, "layers": "all"}, batch_size=32, warmup_ratio=0.06,
               progress=False, overwrite=True, limit_eval=200, seed=13, lr=1e-2)
 
 

@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     tok = ptune.load_tokenizer("minilm")
     rows = []
-    for method, config in (("p_tuning_v2", ptune.PTuningV2Config(num_virtual_tokens=10)),
+    for method, config in (("p_tuning_v2", ptune.PTuningV2Config(num_virtual_tokens=10, layers="all")),
                            ("lora", ptune.LoraConfig(r=8))):
         torch.manual_seed(0)
         model = ptune.apply(ptune.load_base("minilm"), config, head=ptune.HeadConfig("classification", num_labels=5),

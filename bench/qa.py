@@ -31,7 +31,7 @@ from ptune.metrics import squad_scores
 
 ROOT = Path("bench/runs/qa")
 SEED = 13
-OPTIONS = {"p_tuning_v2": {"num_virtual_tokens": 16}, "lora": {"r": 8, "alpha": 16}, "full": {}}
+OPTIONS = {"p_tuning_v2": {"num_virtual_tokens": 16, "layers": "all"}, "lora": {"r": 8, "alpha": 16}, "full": {}}
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
@@ -39,7 +39,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     lr = getattr(args, f"lr_{method}")
     cfg = TrainConfig(model="minilm", task="geo-qa", method=method, method_options=OPTIONS[method],
                       max_steps=args.max_steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
-                      eval_batch_size=32, lr=lr, eval_every=max(1, args.max_steps // 3),
+                      eval_batch_size=32, lr=lr, warmup_ratio=0.06, eval_every=max(1, args.max_steps // 3),
                       limit_train=args.limit_train, limit_eval=args.limit_eval, seed=SEED, progress=False,
                       overwrite=True, output_dir=str(run_dir))
     summary = train(cfg)

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = {"p_tuning_v2": {"num_virtual_tokens": 20}, "lora": {"r": 8, "alpha": 16}}
+METHODS = {"p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"}, "lora": {"r": 8, "alpha": 16}}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -55,7 +55,7 @@ from ptune.models import load_tokenizer  # noqa: E402
 HERE = Path(__file__).resolve().parent
 METHODS = {
     "prompt": lambda: ptune.PromptTuningConfig(num_virtual_tokens=20),
-    "v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=10),
+    "v2": lambda: ptune.PTuningV2Config(num_virtual_tokens=10, layers="all"),
     "lora": lambda: ptune.LoraConfig(r=8),
 }
 PROMPTS = ["Water boils at", "The capital of France is", "Once upon a time, a small dog", "The best way to learn a "

@@ -50,10 +50,10 @@ from ptune.data import load_builtin  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ADAPTERS = {  # name -> (task, method config); the first --adapters of them are served
     "bbc-prompt": ("bbc", lambda: ptune.PromptTuningConfig(num_virtual_tokens=20)),
-    "bbc-v2": ("bbc", lambda: ptune.PTuningV2Config(num_virtual_tokens=20)),
+    "bbc-v2": ("bbc", lambda: ptune.PTuningV2Config(num_virtual_tokens=20, layers="all")),
     "bbc-lora": ("bbc", lambda: ptune.LoraConfig(r=8)),
     "wnut-adalora": ("wnut", lambda: ptune.AdaLoraConfig(init_r=8, target_r=4, total_step=10)),
-    "wnut-v2": ("wnut", lambda: ptune.PTuningV2Config(num_virtual_tokens=8)),
+    "wnut-v2": ("wnut", lambda: ptune.PTuningV2Config(num_virtual_tokens=8, layers="all")),
     "bbc-ptuning": ("bbc", lambda: ptune.PTuningConfig(num_virtual_tokens=20, encoder="mlp")),
     "bbc-bitfit": ("bbc", lambda: ptune.BitFitConfig()),
     "bbc-prefix": ("bbc", lambda: ptune.PrefixTuningConfig(num_virtual_tokens=10, encoder_hidden_size=384)),

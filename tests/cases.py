@@ -77,7 +77,9 @@ METHOD_CASES: dict[str, MethodCase] = {c.name: c for c in (
                          "per_task": dict(template=None, num_virtual_tokens=3, task_encoders="per_task")},
                cli=("--template", "[P:2] {text} [P:1] topic", "--encoder", "mlp"), input_prompts=True,
                base_4bit="yes", on_t5=True, task_tables=True, peft_exportable=True, set_servable=True),
-    MethodCase("p_tuning_v2", lambda tpl: ptune.PTuningV2Config(num_virtual_tokens=3),
+    # every layer, as the paper and PEFT have it (on 2-layer models the default 'auto' keeps only the top one;
+    # test_frozen.py and the CLI row, which takes the defaults, cover 'auto')
+    MethodCase("p_tuning_v2", lambda tpl: ptune.PTuningV2Config(num_virtual_tokens=3, layers="all"),
                cli=("--num-virtual-tokens", "4"), deep_prompts=True, base_4bit="yes", on_t5=True, task_tables=True,
                peft_exportable=True, set_servable=True),
     MethodCase("prefix_tuning", lambda tpl: ptune.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),

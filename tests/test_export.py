@@ -181,7 +181,7 @@ INEXACT = [  # (arch, kind, method config, head, what the warning names)
     ("bert", "backbone", ptune.PromptTuningConfig(num_virtual_tokens=N),
      ptune.HeadConfig("classification", num_labels=3, pooling="pooler"),
      r"positions 1\.\.4 \(after \[CLS\]\).*train with --prompt-layout peft.*--pooling pooler"),
-    ("bert", "backbone", ptune.PTuningV2Config(num_virtual_tokens=N),
+    ("bert", "backbone", ptune.PTuningV2Config(num_virtual_tokens=N, layers="all"),  # PEFT: every layer
      ptune.HeadConfig("classification", num_labels=3, pooling="pooler"), "prefix vectors as a KV cache"),
     ("bert", "backbone", ptune.PTuningConfig(num_virtual_tokens=N, encoder="lstm", encoder_hidden_size=16),
      ptune.HeadConfig("tagging", num_labels=3), "PEFT prepends all 4 before the first token"),
@@ -394,6 +394,16 @@ def test_merged_export_refuses_prompt_methods(model_dirs, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="cannot be merged into weights.*use --format peft"):
         export(model, tmp_path / "merged", "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_peft_export_refuses_p_tuning_v2_in_the_upper_layers_only(model_dirs, tokenizer, tmp_path):
+    # P-Tuning v2's default (--layers auto: the upper half) has no PEFT form: PEFT puts a prefix in every layer
+    model = make(model_dirs, tokenizer, "bert", "backbone", ptune.PTuningV2Config(num_virtual_tokens=N),
+                 ptune.HeadConfig("classification", num_labels=3))
+    assert model.adapter.config.layers == "auto" and len(model.adapter.chosen) < model.adapter.num_layers
+    with pytest.raises(ConfigError, match="no PEFT form.*train with --layers all"):
+        export(model, tmp_path / "peft", "peft")
+    assert not (tmp_path / "peft").exists()
 
 
 def test_merged_export_leaves_the_model_as_it_was(model_dirs, tokenizer, tmp_path):

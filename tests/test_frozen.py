@@ -79,6 +79,25 @@ def test_layer_forms_resolve_to_zero_based_indices():
     assert resolve_layers("7-12", 12) == tuple(range(6, 12))
     assert resolve_layers("1, 3,5-6", 12) == (0, 2, 4, 5)
     assert check_layers(" top:3 ") == "top:3"
+    # auto: the upper half, rounded up (P-Tuning v2's default)
+    assert [resolve_layers("auto", n) for n in (1, 2, 5, 6, 12)] == [
+        (0,), (1,), (2, 3, 4), (3, 4, 5), tuple(range(6, 12))]
+    assert check_layers(" auto ") == "auto"
+
+
+def test_p_tuning_v2_defaults_to_the_upper_half_and_saved_adapters_keep_their_layers(tokenizer):
+    from ptune.methods import saved_method_config
+
+    assert ptune.PTuningV2Config().layers == "auto" and ptune.PrefixTuningConfig().layers is None
+    model, _ = build(ptune.PTuningV2Config(num_virtual_tokens=3), tokenizer)  # 4 layers
+    assert model.adapter.chosen == (2, 3)
+    assert FrozenWork(model, prune_last=False).first == 2  # the two lower layers: cached, no backward
+    with pytest.raises(ConfigError, match="--layers all"):
+        model.adapter.peft_export(None)
+    # an adapter saved before the option existed had prompts in every layer, and is read so
+    assert saved_method_config("p_tuning_v2", {"num_virtual_tokens": 3}).layers is None
+    assert saved_method_config("p_tuning_v2", {"num_virtual_tokens": 3, "layers": "auto"}).layers == "auto"
+    assert saved_method_config("lora", {"r": 2}).layers is None
 
 
 @pytest.mark.parametrize("value,needle", [("top:0", "numbered from 1"), ("5-3", "runs backwards"),
@@ -234,7 +253,7 @@ def test_cache_limit_bounds_what_is_kept(tokenizer):
 
 
 def test_full_depth_methods_cache_nothing(tokenizer):
-    for config in (ptune.PTuningV2Config(num_virtual_tokens=3), ptune.PromptTuningConfig(num_virtual_tokens=2),
+    for config in (ptune.PTuningV2Config(num_virtual_tokens=3, layers="all"), ptune.PromptTuningConfig(num_virtual_tokens=2),
                    ptune.LoraConfig(r=2)):
         model, _ = build(config, tokenizer)
         assert FrozenWork(model, prune_last=False).describe() is None

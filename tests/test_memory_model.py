@@ -40,7 +40,7 @@ def test_meta_counts_equal_the_real_models(tied):
 
 
 @pytest.mark.parametrize("method,config", [("lora", ptune.LoraConfig(r=4)), ("qlora", ptune.LoraConfig(r=4, target_modules=("all-linear",))),
-                                           ("p_tuning_v2", ptune.PTuningV2Config(num_virtual_tokens=5))])
+                                           ("p_tuning_v2", ptune.PTuningV2Config(num_virtual_tokens=5, layers="all"))])  # the model counts every layer
 def test_trainable_counts_equal_ptunes(method, config, tokenizer):
     import transformers as tf
 

@@ -20,6 +20,7 @@ from .encoder_decoder import check_base_kind, is_encoder_decoder
 from .errors import ConfigError
 from .heads import HeadConfig, head_kind
 from .methods import method_entry
+from .methods.layers import picks_layers
 from .model import PtuneModel
 from .models import LOAD_OPTIONS, arch_facts, fingerprint
 from .spec import BaseSpec, RunSpec
@@ -83,7 +84,7 @@ def apply(base: nn.Module, config: Any, *, head: HeadConfig | None = None, templ
                           f"(got {getattr(config, 'num_tasks', None)})")
     kind = head_kind(head.kind).base_kind(arch_facts(base).is_encoder)
     check_base_kind(base.config, kind, type(base).__name__, head.kind)  # T5 answers through the seq2seq head only
-    if is_encoder_decoder(base.config) and getattr(config, "layers", None) is not None:
+    if is_encoder_decoder(base.config) and picks_layers(getattr(config, "layers", None)):
         raise ConfigError(f"layers={config.layers!r} counts the layers of one stack; an encoder-decoder model has two, "
                           f"so {config.method} acts in all of them (leave layers unset)")
     base_spec = base_spec_of(base, kind)

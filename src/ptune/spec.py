@@ -85,7 +85,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "adapter") -> "RunSpec":
         from .data.tasks import Task
-        from .methods import make_config
+        from .methods import saved_method_config
 
         try:
             fp = dict(cfg["base_model"])
@@ -97,7 +97,7 @@ class RunSpec:
                 base = BaseSpec(name=fp.get("name", ""), kind=head_kind(head.kind).base_kind(is_encoder),
                                 is_encoder=is_encoder, fingerprint=fp)
             task = cfg.get("task")
-            return cls(base=base, method_config=make_config(cfg["method"], **cfg["method_config"]), head=head,
+            return cls(base=base, method_config=saved_method_config(cfg["method"], cfg["method_config"]), head=head,
                        template=Template.parse(cfg["template"]), labels=tuple(cfg.get("labels", ())),
                        label_words=tuple(cfg.get("label_words") or ()),
                        task=Task.from_dict(task, f"{source} task") if task else None,

@@ -189,7 +189,7 @@ def test_warm_start_reproduces_the_source_before_the_first_step(tiny_model_dir, 
     torch.testing.assert_close(fresh.head.classifier.weight, mt.head["toy"].classifier.weight)
     # shapes that do not fit are named
     other = cfg(tiny_model_dir, tmp_path / "x", toy_task["task"], method_options={"num_virtual_tokens": 6}, **files)
-    with pytest.raises(AdapterMismatchError, match=r"\(1, 4, 128\) there and \(1, 6, 128\) here"):
+    with pytest.raises(AdapterMismatchError, match=r"\(1, 4, 64\) there and \(1, 6, 64\) here"):
         warm_start(build_model(other, task, tok), tmp_path / "src")
     lora = cfg(tiny_model_dir, tmp_path / "y", toy_task["task"], method="lora", method_options={}, **files)
     with pytest.raises(ConfigError, match="is a p_tuning_v2 adapter; this run trains lora"):

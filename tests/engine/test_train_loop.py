@@ -37,11 +37,12 @@ def test_train_writes_run_directory(tiny_model_dir, toy_task, tmp_path):
     from ptune.engine import Run
 
     assert Run(run).evaluate("test") == pytest.approx(s["test"])  # the best adapter, reloaded, scores the same
-    assert s["trainable_parameters"] == 2 * 4 * 2 * 32 + 32 * 2 + 2  # prefixes + head
+    # prefixes in the upper half of the 2 layers (P-Tuning v2's default layers="auto"): 1 layer x 4 tokens x K,V x 32
+    assert s["trainable_parameters"] == 1 * 4 * 2 * 32 + 32 * 2 + 2  # prefixes + head
     # seconds of training on every validation row: growing, and evaluations are not in them
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     seconds = [r["step_seconds"] for r in rows if r.get("split") == "validation"]
-    assert len(seconds) == 5 and 0 < seconds[0] and seconds == sorted(seconds) and seconds[-1] <= s["step_seconds"]
+    assert len(seconds) == 5 and 0 < seconds[0] and seconds == sorted(seconds) and seconds[-1] <= round(s["step_seconds"], 3)  # rows: 3 decimals
     assert s["step_seconds"] <= s["train_seconds_this_session"] - s["eval_seconds"]
 
 

@@ -93,8 +93,8 @@ class TrainConfig:
     """> 0: stop after this many optimizer steps"""
     max_minutes: float = 0.0
     """> 0: stop training after this many minutes (of this session), then evaluate and test as usual (a time-boxed run)"""
-    batch_size: int = 32
-    """training examples per optimizer step (before --grad-accum)"""
+    batch_size: int = 16
+    """training examples per optimizer step (before --grad-accum); 32 before issue #29 (16 reaches a given accuracy on bbc in fewer seconds of training, bench/results/time_to_target*.md)"""
     eval_batch_size: int = 64
     """examples per batch when scoring"""
     lr: float | None = None
@@ -103,8 +103,8 @@ class TrainConfig:
     """AdamW weight decay"""
     scheduler: str = "linear"
     """learning-rate schedule after warmup: linear | cosine | constant"""
-    warmup_ratio: float = 0.06
-    """share of the steps spent warming the learning rate up from 0"""
+    warmup_ratio: float = 0.02
+    """share of the steps spent warming the learning rate up from 0 (0.06 before issue #29)"""
     grad_accum: int = 1
     """micro-batches accumulated into one optimizer step"""
     max_grad_norm: float = 1.0

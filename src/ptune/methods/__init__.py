@@ -53,6 +53,14 @@ def make_config(name: str, **values: Any) -> Any:
     return from_values(cls, values, name)
 
 
-__all__ = ["METHODS", "Adapter", "IdentityHooks", "PeftExportable", "ReloadHook", "TrainingHooks", "method_entry", "make_config", "PromptTuningConfig", "PTuningConfig",
+def saved_method_config(name: str, values: dict[str, Any]) -> Any:
+    """A method config as an adapter saved it: a key the file lacks means what it meant when the file was
+    written (``absent_means``: e.g. P-Tuning v2 adapters saved before ``layers`` existed had every layer),
+    not today's default."""
+    cls, _ = method_entry(name)
+    return make_config(name, **{**getattr(cls, "absent_means", {}), **values})
+
+
+__all__ = ["METHODS", "Adapter", "IdentityHooks", "PeftExportable", "ReloadHook", "TrainingHooks", "method_entry", "make_config", "saved_method_config", "PromptTuningConfig", "PTuningConfig",
            "PrefixTuningConfig", "PTuningV2Config", "LoraConfig", "QLoraConfig", "AdaLoraConfig", "BitFitConfig",
            "FullFinetuneConfig", "ManualConfig", "merge_and_unload"]

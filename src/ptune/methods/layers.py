@@ -6,7 +6,9 @@ them, which :mod:`ptune.frozen` turns into skipped work: no backward pass below 
 layer, and their outputs cached across epochs.
 
 Written forms (layers numbered from 1, as papers count them; ranges inclusive):
-``"top:6"`` (the upper six), ``"bottom:3"``, ``"7-12"``, ``"1,3,5-6"``; None / ``"all"``: every layer.
+``"top:6"`` (the upper six), ``"bottom:3"``, ``"7-12"``, ``"1,3,5-6"``; None / ``"all"``: every layer;
+``"auto"``: the upper half (rounded up: 3 of MiniLM's 6, 6 of BERT-base's 12, 1 of 2), P-Tuning v2's
+default (bench/results/time_to_target*.md), and every layer on an encoder-decoder model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..models import arch_facts, backbone_of
 
 _PART = re.compile(r"^(?:(top|bottom):(\d+)|(\d+)(?:-(\d+))?)$")
-FORMS = "'top:K', 'bottom:K', 'A-B' (1-based, inclusive), a comma list of those, or 'all'"
+FORMS = "'top:K', 'bottom:K', 'A-B' (1-based, inclusive), a comma list of those, 'all' or 'auto' (the upper half)"
 
 
 def check_layers(value: object) -> str | None:
@@ -33,6 +35,8 @@ def check_layers(value: object) -> str | None:
     text = value.replace(" ", "")
     if text in ("", "all"):
         return None
+    if text == "auto":
+        return text
     for part in text.split(","):
         m = _PART.match(part)
         if m is None:
@@ -45,11 +49,19 @@ def check_layers(value: object) -> str | None:
     return text
 
 
+def picks_layers(value: object) -> bool:
+    """True when ``value`` names particular layers of one stack (not every layer, not ``auto``): refused on an
+    encoder-decoder model, where ``auto`` means every layer."""
+    return check_layers(value) not in (None, "auto")
+
+
 def resolve_layers(value: str | None, num_layers: int) -> tuple[int, ...]:
     """0-based sorted layer indices of ``value`` for a model of ``num_layers`` layers."""
     text = check_layers(value)
     if text is None:
         return tuple(range(num_layers))
+    if text == "auto":  # the upper half, rounded up
+        return tuple(range(num_layers // 2, num_layers))
     chosen: set[int] = set()
     for part in text.split(","):
         side, k, lo, hi = _PART.match(part).groups()

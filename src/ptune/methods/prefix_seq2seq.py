@@ -29,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..encoder_decoder import MODEL_TYPES  # T5Attention: one relative-position bias per stack (its first layer's)
 from ..errors import ConfigError, UnsupportedModelError
 from .base import IdentityHooks
+from .layers import picks_layers
 from .prefix_encoder import PrefixEncoder
 
 ATTN_IMPL = "ptune_seq2seq_sdpa"
@@ -133,7 +134,7 @@ def apply_encoder_decoder_prefix(base: nn.Module, config: Any) -> EncoderDecoder
         raise UnsupportedModelError(
             f"{config.method} on encoder-decoder models is written for the T5 family ({', '.join(MODEL_TYPES)}); "
             f"{type(base).__name__} ({cfg.model_type}) is not one: use prompt_tuning, p_tuning or lora with it")
-    if getattr(config, "layers", None) is not None:
+    if picks_layers(getattr(config, "layers", None)):  # auto (P-Tuning v2's default): every layer here
         raise ConfigError(f"layers={config.layers!r} counts the layers of one stack; on an encoder-decoder model pick "
                           "the attention that gets prefixes with encoder_decoder_parts instead")
     slots = number_slots(base, check_parts(config.encoder_decoder_parts))

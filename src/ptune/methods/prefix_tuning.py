@@ -136,7 +136,11 @@ class PrefixTuningConfig:
 class PTuningV2Config(PrefixTuningConfig):
     method: ClassVar[str] = "p_tuning_v2"
     default_lr: ClassVar[float] = 1e-2  # learning rate when --lr is not given
+    # what a saved config without the key meant: adapters saved before the option had prompts in every layer
+    absent_means: ClassVar[dict[str, Any]] = {"layers": None}
     prefix_projection: bool = False
+    layers: str | None = "auto"
+    """transformer layers that get deep prompts: 'auto' (default) = the upper half (rounded up; every layer on an encoder-decoder model), 'all', 'top:6', '7-12' (1-based, inclusive), '1,3'. P-Tuning v2's paper: prompts in the upper layers do about as well as in every layer; layers below the lowest one run without a backward pass and their outputs are cached (ptune.frozen). 'all' for an adapter PEFT can load"""
 
 
 class PrefixAdapter(IdentityHooks):
@@ -163,7 +167,8 @@ class PrefixAdapter(IdentityHooks):
     def peft_export(self, facts: Any) -> tuple[dict, dict[str, torch.Tensor]]:
         if len(self.chosen) != self.num_layers:
             raise ConfigError(f"PEFT's prefix tuning puts a prefix in every layer; this adapter has prefixes in "
-                              f"layers={self.config.layers!r} only, so it has no PEFT form (use it with ptune)")
+                              f"layers={self.config.layers!r} only, so it has no PEFT form (use it with ptune, or "
+                              "train with --layers all for an adapter PEFT can load)")
         cfg = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.config.num_virtual_tokens,
                "prefix_projection": False, "encoder_hidden_size": self.config.encoder_hidden_size}
         with torch.no_grad():
