@@ -1,4 +1,5 @@
 """ptune vs HF PEFT, side by side, on the packaged MiniLM and the built-in bbc task (issue #15: speed).
+The LLM side (Gemma 3 270M, causal-LM training on bbc-headline) is bench/compare_peft_gemma.py.
 
 Three sides train the same frozen model with the same method, max length, batch size, epochs, lr and
 seed; every (method, side) runs in a fresh subprocess so its time and peak RSS are its own, and the

@@ -1,0 +1,249 @@
+"""ptune vs HF PEFT on the LLM: Gemma 3 270M, causal-LM training on bbc-headline (issue #29 item 2).
+
+Every (method, side) runs in a fresh subprocess, so its time and peak RSS are its own. Both sides train the
+same frozen Gemma 3 270M (the packaged GGUF converted to ``~/.cache/ptune``, loaded in fp32 on a CPU
+without BF16 arithmetic, in bf16 autocast where ``bf16_available()``) on the same token rows: the
+bbc-headline training articles in split order, ``--batch-size`` x ``--max-length`` (the article body, the
+task's hand-written prompt, the headline; loss on the headline only), encoded once by ptune's pipeline and
+handed to PEFT as ``input_ids`` / ``attention_mask`` / ``labels``. Same learning rate (the method's ptune
+default), constant schedule, AdamW, same seed; ``--warmup-steps`` untimed steps, then ``--steps`` timed.
+
+- ``peft``: PEFT at its best on this machine: ``get_peft_model`` on ``AutoModelForCausalLM``, the base's
+  dropout off (Gemma's config has none), bf16 autocast only where the hardware computes bf16 (on this CPU it
+  emulates bf16 and autocast is slower, bench/results/precision.md), and whichever attention is faster here
+  (``--peft-attention sdpa|eager``; both can be run). PEFT's configs: prompt tuning (20 virtual tokens),
+  P-Tuning v2 = PEFT's prefix tuning without projection (20 tokens, every layer), LoRA (r 8, alpha 16, q/v).
+- ``ptune``: ptune's Trainer step (``Trainer.train_step``: collation, forward, loss, backward, clipping,
+  optimizer), the same method options, P-Tuning v2 in every layer (``layers=all``) as PEFT has it.
+
+The quality check: the loss on the first ``--eval-rows`` validation articles (mean over headline tokens,
+each row alone) after the same steps, computed the same way on both sides.
+
+    python bench/compare_peft_gemma.py                                    # 3 methods x 2 sides, ~15 min on 2 cores
+    python bench/compare_peft_gemma.py --methods lora --steps 2 --warmup-steps 1 --out /tmp/smoke.json
+
+Writes bench/results/compare_peft_gemma.json and .md (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("prompt_tuning", "p_tuning_v2", "lora")
+PTUNE_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 20}, "p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"},
+                 "lora": {"r": 8, "alpha": 16}}
+INPUT_PROMPTS = {"prompt_tuning": 20}  # virtual tokens that take places of the sequence on both sides
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ptune_rows(method: str, args) -> tuple:
+    """The training batches and validation rows as ptune encodes them for ``method`` (its trainer too)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import step_trainer
+
+    B, L = args.batch_size, args.max_length + INPUT_PROMPTS.get(method, 0)
+    total = B * (args.warmup_steps + args.steps)
+    trainer = step_trainer(dict(model="gemma", task="bbc-headline", method=method, method_options=PTUNE_OPTIONS[method],
+                                batch_size=B, max_length=L, epochs=1, seed=args.seed, lr=None, warmup_ratio=0.0,
+                                scheduler="constant", output_dir=tempfile.mkdtemp(prefix="ptune-gemma-cmp-"),
+                                progress=False, log_every=100000, limit_train=total, limit_eval=args.eval_rows,
+                                overwrite=True))
+    batches = [list(range(k * B, (k + 1) * B)) for k in range(args.warmup_steps + args.steps)]
+    return trainer, batches
+
+
+def validation_batches(trainer, n: int) -> list[dict]:
+    """The run's first ``n`` validation examples (``limit_eval``), one row per batch, as ptune encoded them."""
+    from ptune.batching import collate
+
+    part = trainer.tasks.parts[0]
+    return [collate([e.encoded], pad_id=trainer.tasks.pad_id, targets=[e.target]) for e in part.val[:n]]
+
+
+def mean_token_loss(model, batches: list[dict], keys=None) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if keys is None or k in keys}
+            n = int((b["labels"][:, 1:] != -100).sum())
+            total += float(model(**inputs).loss) * n
+            count += n
+    model.train()
+    return total / count
+
+
+def run_ptune(method: str, args) -> dict:
+    import torch
+
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    trainer, batches = ptune_rows(method, args)
+    load_s = time.perf_counter() - started
+    val = validation_batches(trainer, args.eval_rows)
+    times, losses = [], []
+    for k, rows in enumerate(batches):
+        t = time.perf_counter()
+        losses.append(trainer.train_step([rows]))
+        if k >= args.warmup_steps:
+            times.append(time.perf_counter() - t)
+    shape = list(trainer.make_train_batch(batches[0])["input_ids"].shape)
+    return {"side": "ptune", "method": method, "step_s": times, "train_losses": losses, "load_s": load_s,
+            "validation_loss": mean_token_loss(trainer.model, val), "batch_shape": shape,
+            "precision": trainer.precision, "trainable": sum(p.numel() for p in trainer.inner.parameters() if p.requires_grad)}
+
+
+def peft_config(method: str, attn: str):
+    import peft
+
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)
+    if method == "p_tuning_v2":  # PEFT's P-Tuning v2: prefix tuning without the reparameterization MLP
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prefix_projection=False)
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def run_peft(method: str, attn: str, args) -> dict:
+    import torch
+    import transformers
+    from peft import get_peft_model
+
+    from ptune.engine.precision import bf16_available
+    from ptune.methods import method_entry
+    from ptune.models import resolve_model_path
+
+    torch.manual_seed(args.seed)
+    # the same token rows, encoded by ptune's pipeline for a method with no virtual tokens (LoRA's rows)
+    trainer, batches = ptune_rows("lora", args)
+    train_batches = [trainer.make_train_batch(rows) for rows in batches]
+    val = validation_batches(trainer, args.eval_rows)
+    del trainer
+    keys = ("input_ids", "attention_mask", "labels")
+    started = time.perf_counter()
+    base = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path("gemma"), dtype=torch.float32,
+                                                             attn_implementation=attn)
+    model = get_peft_model(base, peft_config(method, attn))
+    load_s = time.perf_counter() - started
+    lr = method_entry(method)[0].default_lr
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    autocast = bf16_available()
+    model.train()
+    times, losses = [], []
+    for k, b in enumerate(train_batches):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**{x: b[x] for x in keys}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if k >= args.warmup_steps:
+            times.append(time.perf_counter() - t)
+    return {"side": f"peft_{attn}", "method": method, "step_s": times, "train_losses": losses, "load_s": load_s,
+            "validation_loss": mean_token_loss(model, val, keys), "batch_shape": list(train_batches[0]["input_ids"].shape),
+            "precision": "bf16" if autocast else "fp32",
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def child(spec: dict) -> None:
+    args = argparse.Namespace(**spec["args"])
+    if spec["side"] == "ptune":
+        result = run_ptune(spec["method"], args)
+    else:
+        result = run_peft(spec["method"], spec["side"].removeprefix("peft_"), args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--peft-attention", default="sdpa", help="sdpa, eager, or both: sdpa,eager")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--eval-rows", type=int, default=16)
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--out", default=str(RESULTS / "compare_peft_gemma.json"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(json.loads(a.child))
+    shared = {k: getattr(a, k) for k in ("batch_size", "max_length", "warmup_steps", "steps", "eval_rows", "seed")}
+    sides = [f"peft_{x.strip()}" for x in a.peft_attention.split(",")] + ["ptune"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    runs = []
+    for method in a.methods.split(","):
+        for side in sides:
+            spec = {"method": method, "side": side, "args": shared}
+            load = os.getloadavg()[0]
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                                  env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                result = {"side": side, "method": method, "error": err}
+            else:
+                result = json.loads(line[len("RESULT "):])
+            result["load_before_after"] = [load, os.getloadavg()[0]]
+            runs.append(result)
+            print(json.dumps(result), flush=True)
+    command = "python bench/compare_peft_gemma.py " + " ".join(sys.argv[1:])
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command.strip(), "settings": shared, "cpu": cpu_name(), "runs": runs}, indent=1))
+    out.with_suffix(".md").write_text(table(command.strip(), runs, sides))
+    print(out.with_suffix(".md").read_text())
+
+
+def cpu_name() -> str:
+    try:
+        return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def table(command: str, runs: list[dict], sides: list[str]) -> str:
+    def mean(x):
+        return sum(x) / len(x)
+
+    lines = [f"`{command}`", "",
+             "| method | side | s / step (timed steps) | ptune speed-up | validation loss after the steps | train loss per step | "
+             "trainable | peak RSS MB | batch shape |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rows = {r["side"]: r for r in runs if r["method"] == method}
+        ok = [r for s, r in rows.items() if s != "ptune" and "error" not in r]
+        best = min(ok, key=lambda r: mean(r["step_s"])) if ok else None
+        for side in sides:
+            r = rows.get(side)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {method} | {side} | failed: {r['error'][:160]} | | | | | | |")
+                continue
+            s = mean(r["step_s"])
+            up = f"**{mean(best['step_s']) / s:.2f}x** vs {best['side']}" if side == "ptune" and best else ""
+            losses = " / ".join(f"{x:.3f}" if x is not None else "skip" for x in r["train_losses"])
+            lines.append(f"| {method} | {side} | {s:.1f} | {up} | {r['validation_loss']:.4f} | {losses} | {r['trainable']:,} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['batch_shape']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
