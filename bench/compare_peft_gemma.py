@@ -55,8 +55,10 @@ def ptune_rows(method: str, args) -> tuple:
 
     B, L = args.batch_size, args.max_length + INPUT_PROMPTS.get(method, 0)
     total = B * (args.warmup_steps + args.steps)
-    trainer = step_trainer(dict(model="gemma", task="bbc-headline", method=method, method_options=PTUNE_OPTIONS[method],
-                                batch_size=B, max_length=L, epochs=1, seed=args.seed, lr=None, warmup_ratio=0.0,
+    extra = json.loads(getattr(args, "ptune_options", "") or "{}")  # the ptune side's own options (none for PEFT's rows)
+    trainer = step_trainer(dict(model="gemma", task="bbc-headline", method=method,
+                                method_options={**PTUNE_OPTIONS[method], **extra.get("method_options", {})},
+                                batch_size=B, max_length=L, epochs=1, seed=args.seed, lr=extra.get("lr"), warmup_ratio=0.0,
                                 scheduler="constant", output_dir=tempfile.mkdtemp(prefix="ptune-gemma-cmp-"),
                                 progress=False, log_every=100000, limit_train=total, limit_eval=args.eval_rows,
                                 overwrite=True))
@@ -128,7 +130,7 @@ def run_peft(method: str, attn: str, args) -> dict:
 
     torch.manual_seed(args.seed)
     # the same token rows, encoded by ptune's pipeline for a method with no virtual tokens (LoRA's rows)
-    trainer, batches = ptune_rows("lora", args)
+    trainer, batches = ptune_rows("lora", argparse.Namespace(**{**vars(args), "ptune_options": ""}))
     train_batches = [trainer.make_train_batch(rows) for rows in batches]
     val = validation_batches(trainer, args.eval_rows)
     del trainer
@@ -180,13 +182,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--ptune-options", default="", help='JSON for the ptune side only: {"lr": 3e-3, "method_options": {"init": "vocab"}}; '
+                   'an empty --peft-attention "" runs the ptune side alone')
     p.add_argument("--out", default=str(RESULTS / "compare_peft_gemma.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(json.loads(a.child))
-    shared = {k: getattr(a, k) for k in ("batch_size", "max_length", "warmup_steps", "steps", "eval_rows", "seed")}
-    sides = [f"peft_{x.strip()}" for x in a.peft_attention.split(",")] + ["ptune"]
+    shared = {k: getattr(a, k) for k in ("batch_size", "max_length", "warmup_steps", "steps", "eval_rows", "seed",
+                                         "ptune_options")}
+    sides = [f"peft_{x.strip()}" for x in a.peft_attention.split(",") if x.strip()] + ["ptune"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     runs = []
     for method in a.methods.split(","):
