@@ -21,6 +21,7 @@ each row alone) after the same steps, computed the same way on both sides.
 
     python bench/compare_peft_gemma.py                                    # 3 methods x 2 sides, ~15 min on 2 cores
     python bench/compare_peft_gemma.py --methods lora --steps 2 --warmup-steps 1 --out /tmp/smoke.json
+    python bench/compare_peft_gemma.py --methods prompt_tuning --peft-attention '' --ptune-options init=vocab  # ptune alone
 
 Writes bench/results/compare_peft_gemma.json and .md (``--out``).
 """
@@ -30,12 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_peft import split_ptune_options  # noqa: E402
+from speed import cpu_name, load, parse_options, step_trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("prompt_tuning", "p_tuning_v2", "lora")
@@ -44,24 +48,17 @@ PTUNE_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 20}, "p_tuning_v2": {"n
 INPUT_PROMPTS = {"prompt_tuning": 20}  # virtual tokens that take places of the sequence on both sides
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def ptune_rows(method: str, args) -> tuple:
     """The training batches and validation rows as ptune encodes them for ``method`` (its trainer too)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speed import step_trainer
-
     B, L = args.batch_size, args.max_length + INPUT_PROMPTS.get(method, 0)
     total = B * (args.warmup_steps + args.steps)
-    extra = json.loads(getattr(args, "ptune_options", "") or "{}")  # the ptune side's own options (none for PEFT's rows)
-    trainer = step_trainer(dict(model="gemma", task="bbc-headline", method=method,
-                                method_options={**PTUNE_OPTIONS[method], **extra.get("method_options", {})},
-                                batch_size=B, max_length=L, epochs=1, seed=args.seed, lr=extra.get("lr"), warmup_ratio=0.0,
-                                scheduler="constant", output_dir=tempfile.mkdtemp(prefix="ptune-gemma-cmp-"),
-                                progress=False, log_every=100000, limit_train=total, limit_eval=args.eval_rows,
-                                overwrite=True))
+    train_opts, method_opts = split_ptune_options(args.ptune_options)  # the ptune side's own (none for PEFT's rows)
+    trainer = step_trainer({**dict(model="gemma", task="bbc-headline", method=method,
+                                   method_options={**PTUNE_OPTIONS[method], **method_opts},
+                                   batch_size=B, max_length=L, epochs=1, seed=args.seed, lr=None, warmup_ratio=0.0,
+                                   scheduler="constant", output_dir=tempfile.mkdtemp(prefix="ptune-gemma-cmp-"),
+                                   progress=False, log_every=100000, limit_train=total, limit_eval=args.eval_rows,
+                                   overwrite=True), **train_opts})
     batches = [list(range(k * B, (k + 1) * B)) for k in range(args.warmup_steps + args.steps)]
     return trainer, batches
 
@@ -109,7 +106,7 @@ def run_ptune(method: str, args) -> dict:
             "precision": trainer.precision, "trainable": sum(p.numel() for p in trainer.inner.parameters() if p.requires_grad)}
 
 
-def peft_config(method: str, attn: str):
+def peft_config(method: str):
     import peft
 
     if method == "prompt_tuning":
@@ -130,7 +127,7 @@ def run_peft(method: str, attn: str, args) -> dict:
 
     torch.manual_seed(args.seed)
     # the same token rows, encoded by ptune's pipeline for a method with no virtual tokens (LoRA's rows)
-    trainer, batches = ptune_rows("lora", argparse.Namespace(**{**vars(args), "ptune_options": ""}))
+    trainer, batches = ptune_rows("lora", argparse.Namespace(**{**vars(args), "ptune_options": {}}))
     train_batches = [trainer.make_train_batch(rows) for rows in batches]
     val = validation_batches(trainer, args.eval_rows)
     del trainer
@@ -138,7 +135,7 @@ def run_peft(method: str, attn: str, args) -> dict:
     started = time.perf_counter()
     base = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path("gemma"), dtype=torch.float32,
                                                              attn_implementation=attn)
-    model = get_peft_model(base, peft_config(method, attn))
+    model = get_peft_model(base, peft_config(method))
     load_s = time.perf_counter() - started
     lr = method_entry(method)[0].default_lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
@@ -163,6 +160,8 @@ def run_peft(method: str, attn: str, args) -> dict:
 
 
 def child(spec: dict) -> None:
+    from ptune.engine.loop import peak_rss_mb
+
     args = argparse.Namespace(**spec["args"])
     if spec["side"] == "ptune":
         result = run_ptune(spec["method"], args)
@@ -182,13 +181,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--ptune-options", default="", help='JSON for the ptune side only: {"lr": 3e-3, "method_options": {"init": "vocab"}}; '
-                   'an empty --peft-attention "" runs the ptune side alone')
+    p.add_argument("--ptune-options", nargs="*", default=[],
+                   help='the ptune side only, as compare_peft.py takes them: JSON objects and/or key=value items, '
+                        'TrainConfig fields or method options (lr=3e-3 init=vocab); --peft-attention "" runs it alone')
     p.add_argument("--out", default=str(RESULTS / "compare_peft_gemma.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(json.loads(a.child))
+    try:
+        a.ptune_options = parse_options(a.ptune_options, "--ptune-options")
+    except ValueError as e:
+        p.error(str(e))
     shared = {k: getattr(a, k) for k in ("batch_size", "max_length", "warmup_steps", "steps", "eval_rows", "seed",
                                          "ptune_options")}
     sides = [f"peft_{x.strip()}" for x in a.peft_attention.split(",") if x.strip()] + ["ptune"]
@@ -197,7 +201,7 @@ def main() -> None:
     for method in a.methods.split(","):
         for side in sides:
             spec = {"method": method, "side": side, "args": shared}
-            load = os.getloadavg()[0]
+            before = load()[0]
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                                   env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -206,7 +210,7 @@ def main() -> None:
                 result = {"side": side, "method": method, "error": err}
             else:
                 result = json.loads(line[len("RESULT "):])
-            result["load_before_after"] = [load, os.getloadavg()[0]]
+            result["load_before_after"] = [before, load()[0]]
             runs.append(result)
             print(json.dumps(result), flush=True)
     command = "python bench/compare_peft_gemma.py " + " ".join(sys.argv[1:])
@@ -215,13 +219,6 @@ def main() -> None:
     out.write_text(json.dumps({"command": command.strip(), "settings": shared, "cpu": cpu_name(), "runs": runs}, indent=1))
     out.with_suffix(".md").write_text(table(command.strip(), runs, sides))
     print(out.with_suffix(".md").read_text())
-
-
-def cpu_name() -> str:
-    try:
-        return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        return ""
 
 
 def table(command: str, runs: list[dict], sides: list[str]) -> str:

@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import host_facts, load  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def load() -> float:
-    return os.getloadavg()[0]
 
 
 def run_one(flags: list[str], seed: int, eval_every: int, target: float, until_target: bool,
@@ -41,7 +40,7 @@ def run_one(flags: list[str], seed: int, eval_every: int, target: float, until_t
     cmd = [sys.executable, "-m", "ptune.cli", "train", "--output-dir", str(out_dir), "--seed", str(seed),
            "--eval-every", str(eval_every), "--no-progress", *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    before, started = load(), time.perf_counter()
+    before, started = load()[0], time.perf_counter()
     log = open(out_dir.parent / f"{out_dir.name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     metrics, reached, curve = out_dir / "metrics.jsonl", None, []
@@ -62,7 +61,7 @@ def run_one(flags: list[str], seed: int, eval_every: int, target: float, until_t
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {
         "seed": seed, "exit_code": rc, "wall_s": round(time.perf_counter() - started, 1),
-        "load_before_after": [round(before, 2), round(load(), 2)],
+        "load_before_after": [before, load()[0]],
         "reached_step": reached[0] if reached else None,
         "seconds_to_target": reached[2] if reached else None,
         "curve": curve,
@@ -110,11 +109,10 @@ def main() -> None:
                      "best_validation_mean": mean([r["best_validation_accuracy"] for r in rs]),
                      "test_mean": mean([r["test_accuracy"] for r in rs]),
                      "step_seconds_mean": mean([r["step_seconds"] for r in rs])})
-    import platform
     data = {"what": "seconds of training (optimizer steps only) until bbc validation accuracy >= target, ptune train",
             "command": "python bench/time_to_target.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "target": args.target, "eval_every": args.eval_every, "until_target": args.until_target,
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "machine": host_facts(),
             "rows": rows, "runs": results}
     out = Path(args.out)
     out.write_text(json.dumps(data, indent=1) + "\n")

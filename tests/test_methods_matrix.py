@@ -52,9 +52,7 @@ def expected_trainable(method: str, model) -> int:
     head = 0
     if model.head_config.kind in ("classification", "tagging"):
         head = d * model.head_config.num_labels + model.head_config.num_labels
-    # the layers with deep prompts: every one, or P-Tuning v2's default 'auto', the upper half (rounded up)
-    layers = f.num_layers - f.num_layers // 2 if getattr(cfg, "layers", None) == "auto" else f.num_layers
-    kv = layers * 2 * f.num_key_value_heads * f.head_dim  # one prefix position, those layers, K and V
+    kv = f.num_layers * 2 * f.num_key_value_heads * f.head_dim  # one prefix position, all layers, K and V
     if method == "prompt_tuning":
         return T * cfg.num_virtual_tokens * d + head
     if method.startswith("p_tuning") and method != "p_tuning_v2":
