@@ -61,9 +61,9 @@ def describe(facts: dict[str, Any]) -> str:
 
 
 def parse_options(items: list[str], flag: str) -> dict[str, Any]:
-    """JSON objects and/or key=value items (values read as YAML: 3, true, top:3, [a, b]) -> one dict;
+    """JSON objects and/or key=value items (values read as YAML: 3, 5e-4, true, top:3, [a, b]) -> one dict;
     ValueError with a one-line message naming the bad item."""
-    import yaml
+    from ptune.yamlfile import load_yaml
 
     out: dict[str, Any] = {}
     for item in items:
@@ -80,7 +80,7 @@ def parse_options(items: list[str], flag: str) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"{flag} {item!r}: expected key=value (e.g. layers=top:3) or a JSON object")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = load_yaml(value) if value.strip() else ""
     return out
 
 

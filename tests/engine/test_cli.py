@@ -130,3 +130,16 @@ def test_every_option_has_help_from_its_field_docstring():
     for cls in [TrainConfig] + [c for c, _ in METHODS.values()]:
         docs = field_docs(cls)
         assert [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)] == [], cls.__name__
+
+
+def test_yaml_config_reads_exponent_floats_as_numbers(tmp_path):
+    """``lr: 5e-4`` is how people write a learning rate; PyYAML alone reads it as the string '5e-4' (YAML 1.1)."""
+    from ptune.engine import TrainConfig
+    from ptune.yamlfile import load_yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 5e-4\nweight_decay: 1E-2\nwarmup_ratio: .1\nmethod: lora\nmethod_options: {lora_dropout: 5e-2}\n")
+    c = TrainConfig.from_yaml(cfg)
+    assert (c.lr, c.weight_decay, c.warmup_ratio, c.method_options["lora_dropout"]) == (5e-4, 1e-2, 0.1, 5e-2)
+    assert load_yaml("[1e3, 3, '5e-4', 1_000, true, top:3, 1.5, -2e-5]") == [1000.0, 3, "5e-4", 1000, True, "top:3",
+                                                                         1.5, -2e-05]

@@ -1,7 +1,7 @@
 """Tasks: what a dataset means to ptune (fields, labels, label words, template, metric, length).
 
 A task names the head kind that answers it (``head``); what a record must hold, how its label is
-encoded and scored is that head's business (``ptune.heads``). Tasks are data, loaded from YAML (``yaml.safe_load``: nothing is evaluated) or built in code, in
+encoded and scored is that head's business (``ptune.heads``). Tasks are data, loaded from YAML (``ptune.yamlfile``: safe loading, nothing is evaluated, YAML 1.2 numbers) or built in code, in
 the spirit of lm-evaluation-harness. A Task validates itself when built and validates each record
 it is given, so a bad file fails at load time naming the file, the line and the problem. A task YAML
 may also name its data (``dataset``, ``config``, ``splits``: GLUE's ``nyu-mll/glue`` / ``sst2``), read
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..yamlfile import read_yaml
 
 from ..errors import ConfigError, DataError
 from ..fields import from_values
@@ -199,10 +199,7 @@ class Task:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"task file {path} does not exist; give a built-in task name or a YAML file")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        values = read_yaml(path)
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of task keys")
         return cls.from_dict(values, str(path))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..yamlfile import read_yaml
 
 from ..errors import ConfigError
 from ..fields import from_values
@@ -308,10 +308,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of options, not {type(values).__name__}")
         options = {**values.get("method_options", {}), **overrides.pop("method_options", {})}
