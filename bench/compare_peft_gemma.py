@@ -19,9 +19,16 @@ default), constant schedule, AdamW, same seed; ``--warmup-steps`` untimed steps,
 The quality check: the loss on the first ``--eval-rows`` validation articles (mean over headline tokens,
 each row alone) after the same steps, computed the same way on both sides.
 
+Prompt tuning's rows: ptune encodes them with its virtual tokens (its ``prompt_layout``), the article cut
+where it is cut without them; PEFT gets the same rows with the virtual places taken out and prepends its
+own prompt. The two sides' random prompts are different draws, and on Gemma the draw alone moves the
+first loss by about a nat; ``--same-init`` starts ptune from PEFT's own table (same seed), so what is
+left is what the two compute (identical with ``--ptune-options prompt_layout=peft``).
+
     python bench/compare_peft_gemma.py                                    # 3 methods x 2 sides, ~15 min on 2 cores
     python bench/compare_peft_gemma.py --methods lora --steps 2 --warmup-steps 1 --out /tmp/smoke.json
     python bench/compare_peft_gemma.py --methods prompt_tuning --peft-attention '' --ptune-options init=vocab  # ptune alone
+    python bench/compare_peft_gemma.py --methods prompt_tuning,p_tuning_v2 --peft-attention '' --same-init  # PEFT's start
 
 Writes bench/results/compare_peft_gemma.json and .md (``--out``).
 """
@@ -46,16 +53,23 @@ METHODS = ("prompt_tuning", "p_tuning_v2", "lora")
 PTUNE_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 20}, "p_tuning_v2": {"num_virtual_tokens": 20, "layers": "all"},
                  "lora": {"r": 8, "alpha": 16}}
 INPUT_PROMPTS = {"prompt_tuning": 20}  # virtual tokens that take places of the sequence on both sides
+SOURCE_LENGTH = 224  # bbc-headline's max_source_length: the article and the prompt's text, before the headline
 
 
 def ptune_rows(method: str, args) -> tuple:
-    """The training batches and validation rows as ptune encodes them for ``method`` (its trainer too)."""
-    B, L = args.batch_size, args.max_length + INPUT_PROMPTS.get(method, 0)
+    """The training batches and validation rows as ptune encodes them for ``method`` (its trainer too).
+
+    Input-side virtual tokens come on top of the task's token budget (``max_length`` and bbc-headline's
+    224-token ``max_source_length`` grow by them), so the article is cut where it is cut without them: PEFT
+    prepends its prompt to whatever rows it is given and never shortens the text for it."""
+    P = INPUT_PROMPTS.get(method, 0)
+    B, L = args.batch_size, args.max_length + P
     total = B * (args.warmup_steps + args.steps)
     train_opts, method_opts = split_ptune_options(args.ptune_options)  # the ptune side's own (none for PEFT's rows)
     trainer = step_trainer({**dict(model="gemma", task="bbc-headline", method=method,
                                    method_options={**PTUNE_OPTIONS[method], **method_opts},
-                                   batch_size=B, max_length=L, epochs=1, seed=args.seed, lr=None, warmup_ratio=0.0,
+                                   batch_size=B, max_length=L, max_source_length=SOURCE_LENGTH + P, epochs=1,
+                                   seed=args.seed, lr=None, warmup_ratio=0.0,
                                    scheduler="constant", output_dir=tempfile.mkdtemp(prefix="ptune-gemma-cmp-"),
                                    progress=False, log_every=100000, limit_train=total, limit_eval=args.eval_rows,
                                    overwrite=True), **train_opts})
@@ -69,6 +83,28 @@ def validation_batches(trainer, n: int) -> list[dict]:
 
     part = trainer.tasks.parts[0]
     return [collate([e.encoded], pad_id=trainer.tasks.pad_id, targets=[e.target]) for e in part.val[:n]]
+
+
+def without_virtual_tokens(batch: dict) -> dict:
+    """PEFT's input for ptune's row: the same tokens with the virtual-token places taken out (PEFT prepends
+    its own prompt). Every row holds the same number of virtual tokens, so the batch stays rectangular."""
+    keep = batch["virtual_index"] < 0
+    B = keep.shape[0]
+    return {k: batch[k][keep].view(B, -1) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def peft_initial_table(method: str, seed: int):
+    """The prompt table PEFT starts from with this seed: drawn exactly as run_peft draws it (same seed, same
+    calls before it), so ``--same-init`` can start ptune from it."""
+    import torch
+    import transformers
+    from peft import get_peft_model
+
+    from ptune.models import resolve_model_path
+
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path("gemma"), dtype=torch.float32)
+    return get_peft_model(base, peft_config(method)).prompt_encoder["default"].embedding.weight.detach().clone()
 
 
 def mean_token_loss(model, batches: list[dict], keys=None) -> float:
@@ -89,10 +125,15 @@ def mean_token_loss(model, batches: list[dict], keys=None) -> float:
 def run_ptune(method: str, args) -> dict:
     import torch
 
+    table = peft_initial_table(method, args.seed) if args.same_init and method != "lora" else None
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     trainer, batches = ptune_rows(method, args)
     load_s = time.perf_counter() - started
+    if table is not None:  # ptune's prompt / prefix table has PEFT's layout (prefix_encoder.flat)
+        (param,) = [p for p in trainer.inner.parameters() if p.requires_grad]
+        with torch.no_grad():
+            param.copy_(table.view_as(param))
     val = validation_batches(trainer, args.eval_rows)
     times, losses = [], []
     for k, rows in enumerate(batches):
@@ -125,12 +166,12 @@ def run_peft(method: str, attn: str, args) -> dict:
     from ptune.methods import method_entry
     from ptune.models import resolve_model_path
 
-    torch.manual_seed(args.seed)
-    # the same token rows, encoded by ptune's pipeline for a method with no virtual tokens (LoRA's rows)
-    trainer, batches = ptune_rows("lora", argparse.Namespace(**{**vars(args), "ptune_options": {}}))
-    train_batches = [trainer.make_train_batch(rows) for rows in batches]
-    val = validation_batches(trainer, args.eval_rows)
+    # the same token rows as the ptune side's (its options, so its prompt layout), virtual places taken out
+    trainer, batches = ptune_rows(method, args)
+    train_batches = [without_virtual_tokens(trainer.make_train_batch(rows)) for rows in batches]
+    val = [without_virtual_tokens(b) for b in validation_batches(trainer, args.eval_rows)]
     del trainer
+    torch.manual_seed(args.seed)  # after the rows: the prompt table is drawn as peft_initial_table draws it
     keys = ("input_ids", "attention_mask", "labels")
     started = time.perf_counter()
     base = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path("gemma"), dtype=torch.float32,
@@ -184,6 +225,9 @@ def main() -> None:
     p.add_argument("--ptune-options", nargs="*", default=[],
                    help='the ptune side only, as compare_peft.py takes them: JSON objects and/or key=value items, '
                         'TrainConfig fields or method options (lr=3e-3 init=vocab); --peft-attention "" runs it alone')
+    p.add_argument("--same-init", action="store_true",
+                   help="the ptune side starts from PEFT's initial prompt / prefix table (same seed), so the two "
+                        "sides differ only in what they compute, not in the random draw")
     p.add_argument("--out", default=str(RESULTS / "compare_peft_gemma.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -194,7 +238,7 @@ def main() -> None:
     except ValueError as e:
         p.error(str(e))
     shared = {k: getattr(a, k) for k in ("batch_size", "max_length", "warmup_steps", "steps", "eval_rows", "seed",
-                                         "ptune_options")}
+                                         "ptune_options", "same_init")}
     sides = [f"peft_{x.strip()}" for x in a.peft_attention.split(",") if x.strip()] + ["ptune"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     runs = []
