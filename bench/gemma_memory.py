@@ -10,9 +10,10 @@ the imports, the tokenizer, the base). Writes a Markdown table and the raw resul
     python bench/gemma_memory.py --out bench/results_gemma_memory.md --json bench/results/gemma_memory.json
     python bench/gemma_memory.py --generation --json bench/results/gemma_memory_generation.json
 
-``--generation``: two fresh processes. The bf16 base generates greedily from a few prompts and keeps its
+``--generation``: three fresh processes. The bf16 base generates greedily from a few prompts and keeps its
 logits; the NF4 base (linear layers, token table and tied LM head in 4 bits) then generates from the same
-prompts and scores the bf16 base's sequences teacher-forced. Reported: greedy tokens equal to bf16's
+prompts and scores the bf16 base's sequences teacher-forced; so does ``nf4-linear`` (only the linear layers
+in 4 bits, the table and head in bf16), which tells the table's share of the difference from the layers'. Reported: greedy tokens equal to bf16's
 (per position and whole sequences), teacher-forced top-1 agreement, mean |logit difference| and the mean
 KL divergence of the next-token distributions.
 """
@@ -136,8 +137,12 @@ def generate_one(which: str, args: argparse.Namespace) -> dict:
     import ptune
 
     tok = ptune.load_tokenizer("gemma")
+    if which == "nf4-linear":  # the linear layers in NF4, the token table and its tied LM head left in bf16
+        import ptune.quantize
+
+        ptune.quantize.quantize_base_embeddings = lambda model, kind: {}
     base = ptune.load_base("gemma", "causal_lm", dtype=torch.bfloat16,
-                           quantize=None if which == "bf16" else which).eval()
+                           quantize=None if which == "bf16" else "nf4").eval()
     sequences, logits = [], []
     with torch.no_grad():
         for prompt in PROMPTS:
@@ -179,7 +184,7 @@ def run_generation(args: argparse.Namespace) -> None:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for which in ("bf16", "nf4"):
+        for which in ("bf16", "nf4", "nf4-linear"):
             cmd = [sys.executable, __file__, "--gen-one", which, "--ref", os.path.join(tmp, "ref.pt"),
                    "--new-tokens", str(args.new_tokens)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -188,11 +193,12 @@ def run_generation(args: argparse.Namespace) -> None:
                 sys.exit(f"{which} failed: {proc.stderr[-3000:]}")
             results[which] = json.loads(line[0][7:])
     nf4 = results["nf4"]
-    summary = {k: nf4[k] for k in ("greedy_token_agreement", "greedy_sequences_identical",
-                                    "teacher_forced_top1_agreement", "mean_abs_logit_diff", "mean_kl_bf16_to_nf4",
-                                    "mean_abs_bf16_logit")}
+    keys = ("greedy_token_agreement", "greedy_sequences_identical", "teacher_forced_top1_agreement",
+            "mean_abs_logit_diff", "mean_kl_bf16_to_nf4", "mean_abs_bf16_logit")
+    summary = {k: nf4[k] for k in keys}
+    summary["nf4_linear_only"] = {k: results["nf4-linear"][k] for k in keys}  # which part moves the outputs
     out = {"command": "python bench/gemma_memory.py --generation", "new_tokens": args.new_tokens, "prompts": PROMPTS,
-           "summary": summary, "bf16": results["bf16"], "nf4": nf4}
+           "summary": summary, "bf16": results["bf16"], "nf4": nf4, "nf4-linear": results["nf4-linear"]}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -64,3 +64,21 @@ def test_minilm_step_flops_match_its_matmuls():
     assert matmuls <= r["flops"] <= 1.15 * matmuls
     assert r["useful_flops"] == r["flops"]  # nothing skipped: the plain step is this step
     assert r["seconds_per_step"] > 0 and 0 < r["mfu"] < 1.5
+
+
+def test_peft_rows_are_ptune_rows_without_the_virtual_places():
+    """compare_peft_gemma gives PEFT the ptune side's own tokens (PEFT prepends its prompt): ptune's layout puts
+    the virtual tokens after <bos>, so taking them out must leave <bos>, the text, the labels, the padding."""
+    import compare_peft_gemma
+
+    P = 3
+    ids = torch.tensor([[2, 0, 0, 0, 11, 12, 13, 1], [2, 0, 0, 0, 21, 22, 1, 0]])
+    vidx = torch.tensor([[-1, 0, 1, 2, -1, -1, -1, -1], [-1, 0, 1, 2, -1, -1, -1, -1]])
+    mask = torch.tensor([[1] * 8, [1] * 7 + [0]])
+    labels = torch.tensor([[-100] * 5 + [12, 13, 1], [-100] * 5 + [22, 1, -100]])
+    got = compare_peft_gemma.without_virtual_tokens({"input_ids": ids, "virtual_index": vidx, "attention_mask": mask,
+                                                     "labels": labels})
+    assert got["input_ids"].tolist() == [[2, 11, 12, 13, 1], [2, 21, 22, 1, 0]]
+    assert got["attention_mask"].tolist() == [[1] * 5, [1] * 4 + [0]]
+    assert got["labels"].tolist() == [[-100, -100, 12, 13, 1], [-100, -100, 22, 1, -100]]
+    assert got["input_ids"].shape[1] == ids.shape[1] - P
