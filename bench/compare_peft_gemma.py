@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -257,7 +258,7 @@ def main() -> None:
             result["load_before_after"] = [before, load()[0]]
             runs.append(result)
             print(json.dumps(result), flush=True)
-    command = "python bench/compare_peft_gemma.py " + " ".join(sys.argv[1:])
+    command = "python bench/compare_peft_gemma.py " + shlex.join(sys.argv[1:])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command.strip(), "settings": shared, "cpu": cpu_name(), "runs": runs}, indent=1))
