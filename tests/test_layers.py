@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "ptune"
 
 # lowest first; a module's floor is that of the longest prefix listed (ptune.methods.lora -> "ptune.methods")
 FLOORS: list[tuple[str, ...]] = [
-    ("ptune.errors", "ptune.version", "ptune.fields", "ptune.metrics", "ptune.templates", "ptune.batching",
+    ("ptune.errors", "ptune.version", "ptune.yamlfile", "ptune.fields", "ptune.metrics", "ptune.templates", "ptune.batching",
      "ptune.models", "ptune.encoder_decoder", "ptune.gemma", "ptune.quantize", "ptune.quantized_embedding"),
     ("ptune.methods", "ptune.attention", "ptune.frozen"),   # methods change inputs, attention or weights
     ("ptune.heads",),                                        # head kinds: hidden states -> a task's answers
