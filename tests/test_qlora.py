@@ -153,6 +153,25 @@ def test_load_base_quantizes_a_model_folder(tokenizer, tmp_path):
     assert "lm_head" not in " ".join(m.adapter.names) and len(m.adapter.names) == 14
 
 
+def test_4bit_base_computes_in_the_runs_dtype(tokenizer, tmp_path):
+    """A run that computes in fp32 (--precision fp32, or auto on a CPU without bf16 arithmetic) loads its 4-bit
+    base with fp32 compute: in bf16 there, bitsandbytes' backward matmuls fell to PyTorch's reference CPU gemm
+    (minutes per Gemma step). --precision bf16 keeps QLoRA's bf16."""
+    from ptune.engine import TrainConfig
+    from ptune.engine.build import weight_dtype
+
+    assert weight_dtype(TrainConfig(quantize="nf4", precision="fp32")) is torch.float32
+    assert weight_dtype(TrainConfig(quantize="nf4", precision="bf16")) is None  # QLoRA's own: bf16
+    tiny_llama(kind="causal_lm").save_pretrained(tmp_path / "m")
+    for dtype, want in ((torch.float32, "torch.float32"), (None, "torch.bfloat16")):
+        base = ptune.load_base(str(tmp_path / "m"), "causal_lm", quantize="nf4", dtype=dtype)
+        assert describe_quantization(base)["compute_dtype"] == want
+    m = ptune.apply(base, ptune.QLoraConfig(r=2), tokenizer=tokenizer, head=ptune.HeadConfig("causal_lm"))
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    m.train()
+    m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+
+
 def test_qlora_needs_a_4bit_base(tokenizer):
     with pytest.raises(ptune.ConfigError, match="qlora expects a 4-bit quantized base .* pass --quantize nf4"):
         ptune.apply(tiny_llama(), ptune.QLoraConfig(), tokenizer=tokenizer, labels=("a", "b"))

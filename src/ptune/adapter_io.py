@@ -136,14 +136,14 @@ def load_base_for(spec: Any, *, trust_remote_code: bool = False, allow_pickle: b
             raise ConfigError(f"this adapter's base {b.name!r} was loaded with {option} (it runs or unpickles "
                               f"code from the model folder); pass {flag} (Python: {option}=True) to load it again")
     return load_base(base_name or b.name, b.kind, quantize=b.quantize, trust_remote_code=trust_remote_code,
-                     allow_pickle=allow_pickle, dtype=None if b.quantize else dtype)
+                     allow_pickle=allow_pickle, dtype=dtype)
 
 
 def load_adapter(path: str | Path, base: nn.Module | None = None, *, tokenizer: Any = None,
                  base_name: str | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False, dtype: torch.dtype | None = None) -> PtuneModel:
     """Rebuild a saved adapter on ``base`` (default: the base its spec names, loaded as it was for
-    training, e.g. 4-bit, in ``dtype`` when given and not quantized) and check that the base is the one it
+    training, e.g. 4-bit, computing in ``dtype`` when given) and check that the base is the one it
     was trained on."""
     spec = read_spec(path)
     name = base_name or spec.base.name

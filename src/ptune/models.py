@@ -103,7 +103,8 @@ def load_base(name: str, kind: str = "backbone", *, dtype: torch.dtype | None = 
     if quantize is not None:
         from .quantize import bnb_config
 
-        kwargs["quantization_config"] = bnb_config(quantize)
+        # the 4-bit layers compute in the dtype the rest of the model computes in (bf16 by default)
+        kwargs["quantization_config"] = bnb_config(quantize, compute_dtype=dtype or torch.bfloat16)
     try:
         check_base_kind(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), kind, name)
         model, info = getattr(transformers, BASE_CLASSES[kind]).from_pretrained(path, output_loading_info=True, **kwargs)

@@ -38,8 +38,9 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.7229568362236023, 1.0)
 
 
-def bnb_config(kind: str) -> Any:
-    """transformers' BitsAndBytesConfig for ``nf4`` (QLoRA defaults) or ``int8``."""
+def bnb_config(kind: str, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """transformers' BitsAndBytesConfig for ``nf4`` (QLoRA's: double quantization, ``compute_dtype`` bf16 unless
+    the run computes in another dtype) or ``int8``."""
     try:
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401  (present, or the config would fail later)
@@ -47,7 +48,7 @@ def bnb_config(kind: str) -> Any:
         raise ConfigError(f"--quantize {kind} needs bitsandbytes: pip install bitsandbytes (or ./install.sh quant)") from e
     if kind == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+                                  bnb_4bit_compute_dtype=compute_dtype)
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ConfigError(f"quantize={kind!r} is not one of nf4, int8")

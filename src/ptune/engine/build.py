@@ -178,11 +178,13 @@ def model_is_encoder(cfg: TrainConfig) -> bool:
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """float32 where the run computes in fp32 (``--precision fp32``, or ``auto`` on a CPU without bf16
-    arithmetic); else None, the checkpoint's own dtype. A checkpoint stored in bf16 (Gemma) would otherwise
-    compute in emulated bf16 there: matmuls measured about 2.5x slower than fp32 on such a CPU (bench/mfu.py),
-    and its fp32 heads would meet bf16 hidden states with no autocast to reconcile them. Quantized bases
-    keep their own compute dtype."""
-    if cfg.quantize is not None or run_precision(cfg) == "bf16":
+    arithmetic); else None, the checkpoint's own dtype (a quantized base: bf16, QLoRA's compute dtype). A
+    checkpoint stored in bf16 (Gemma) would otherwise compute in emulated bf16 there: matmuls measured about
+    2.5x slower than fp32 on such a CPU (bench/mfu.py), and its fp32 heads would meet bf16 hidden states with
+    no autocast to reconcile them. A 4-bit base computes in fp32 there too (bitsandbytes' compute dtype): its
+    bf16 backward matmuls fell to PyTorch's reference CPU gemm, minutes per Gemma step (issue #26);
+    ``--precision bf16`` keeps bf16 compute, for its smaller activations."""
+    if run_precision(cfg) == "bf16":
         return None
     return torch.float32
 

@@ -84,7 +84,9 @@ def _export_peft(source: _Source, tmp: Path, output: Path) -> ExportResult:
         differences += layout
     if model.spec.base.quantize:
         notes.append(f"the base was trained loaded with quantize={model.spec.base.quantize!r}: load it the same "
-                     "way for PEFT (BitsAndBytesConfig, see ptune.quantize.bnb_config); on a CPU with AVX512-BF16, "
+                     "way for PEFT (BitsAndBytesConfig, see ptune.quantize.bnb_config; compute dtype bfloat16, or "
+                     "float32 where ptune computed in fp32: --precision fp32, or auto on a CPU without bf16 "
+                     "arithmetic); on a CPU with AVX512-BF16, "
                      "bitsandbytes repacks NF4 weights for inference with their block constants rounded to bf16 "
                      "(logits differ by about 1e-3): ptune.quantize.hold_quantized_weights(base) keeps them as ptune "
                      "computes them")
