@@ -158,10 +158,11 @@ def trainable(row: dict) -> str:
 
 def table(result: dict) -> str:
     a = result["args"]
-    lines = [f"`{result['command']}`", "",
+    commands = result.get("commands") or [result["command"]]  # a table merged from several runs lists each
+    lines = [*(f"`{c}`  " for c in commands), "",
              f"Gemma 3 270M, `bbc-headline`: {a['limit_train']} training articles, 1 epoch, batch {a['batch_size']}, "
              f"seed {a['seed']}; the first {a['limit']} test articles, greedy, at most {a['max_new_tokens']} new "
-             f"tokens. {describe(result['host'])}", "",
+             f"tokens. {describe(result['host'])}" + (f" Note: {result['load_note']}." if result.get("load_note") else ""), "",
              "| row | flags | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L - zero-shot [95% CI], articles better / worse | BLEU-4 "
              "| test loss | train s (steps) | peak RSS MB | trainable |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
