@@ -82,3 +82,18 @@ def test_peft_rows_are_ptune_rows_without_the_virtual_places():
     assert got["attention_mask"].tolist() == [[1] * 5, [1] * 4 + [0]]
     assert got["labels"].tolist() == [[-100, -100, 12, 13, 1], [-100, -100, 22, 1, -100]]
     assert got["input_ids"].shape[1] == ids.shape[1] - P
+
+
+def test_headline_paired_bootstrap_against_zero_shot():
+    """bench/gemma_headline.py's comparison: the mean per-article difference, its resampled interval, wins."""
+    import gemma_headline
+
+    c = gemma_headline.paired_bootstrap([0.5, 0.5, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25], samples=200)
+    assert c["mean_difference"] == 0.25 and c["ci95"] == [0.25, 0.25] and (c["better"], c["worse"]) == (4, 0)
+    c = gemma_headline.paired_bootstrap([1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.5, 0.25], samples=2000)
+    assert c["mean_difference"] == pytest.approx(0.0625) and (c["better"], c["worse"], c["articles"]) == (2, 1, 4)
+    assert -1.0 <= c["ci95"][0] < 0.0625 < c["ci95"][1] <= 1.0
+    result = {"rows": [{"row": "zero-shot", "article_ids": ["a", "b"], "rougeL_per_article": [0.1, 0.2]},
+                       {"row": "lora", "article_ids": ["b", "a"], "rougeL_per_article": [0.3, 0.4]}]}
+    with pytest.raises(SystemExit, match="other test articles"):
+        gemma_headline.add_comparisons(result)
