@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..yamlfile import read_yaml
-
 from ..errors import ConfigError, DataError
 from ..fields import from_values
 from ..heads import HEAD_KINDS, HeadKind, head_kind
+from ..yamlfile import read_yaml
 from . import formats
 
 LEGACY_TASK_TYPES = {"classification": "classification", "tagging": "tagging", "causal_lm": "causal_lm"}

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..yamlfile import read_yaml
-
 from ..errors import ConfigError
 from ..fields import from_values
 from ..heads import HEAD_KINDS
+from ..yamlfile import read_yaml
 from .tracking import parse_report_to, parse_tags
 
 SCHEDULERS = ("linear", "cosine", "constant")
