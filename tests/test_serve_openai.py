@@ -292,14 +292,17 @@ def test_docs_load_offline(server):
         "/v1/completions", "/v1/chat/completions", "/v1/models"}
 
 
-def test_readme_openai_block_runs_against_a_server(server):
+def test_readme_openai_block_runs_against_a_server(server, tmp_path):
     """The README's client block, as a user pastes it, against a real `ptune serve` (its address and an
-    adapter's name put in for the README's localhost:8000 and "story")."""
+    adapter's name put in for the README's localhost:8000 and "story"): a server answers, so the block
+    uses it and neither trains nor starts one."""
     from readme_blocks import block
 
     code = block("openai-client").text
-    assert 'base_url="http://localhost:8000/v1"' in code and 'model="story"' in code
-    code = code.replace("http://localhost:8000/v1", f"{server}/v1").replace('model="story"', 'model="lora"')
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert 'URL = "http://localhost:8000"' in code and 'base_url=URL + "/v1"' in code and 'model="story"' in code
+    code = code.replace('URL = "http://localhost:8000"', f'URL = "{server}"').replace('model="story"', 'model="lora"')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(),
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip(), "the streamed chat answer should be printed"
+    assert not (tmp_path / "runs").exists(), "with a server up the block must not train one"
